@@ -1,0 +1,644 @@
+"""Typed, validated configuration: YAML recipes, dotted command-line overrides, run names.
+
+A recipe is a YAML file whose top level is one of the run configs below (`kind` picks which).
+Every section is a pydantic model with `extra="forbid"`, so a misspelled key is an error, and
+`ConfigError` turns pydantic's errors into one line per problem that names the dotted key and the
+closest valid keys:
+
+    >>> load_config("recipes/cards-sft.yaml", ["train.lrr=3e-4"])
+    ConfigError: unknown key 'train.lrr' (did you mean 'train.lr'?)
+
+Overrides are `dotted.key=value`, the value parsed as YAML (`train.lr=3e-4`, `task.id_families=[a,b]`).
+A recipe may carry `presets: {tiny: {dotted.key: value, ...}}`; `preset=tiny` applies one.
+
+The run name is the recipe's name, then a short tag for every value that differs from the recipe
+(after its preset), then the seed: `cards-sft_lr3e-4_s7`. Runs are findable by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mechrl.errors import UserError
+
+__all__ = [
+    "ConfigError", "CardsTaskConfig", "ModelConfig", "TinyModelConfig", "SFTConfig", "EvalConfig",
+    "TrackingConfig", "SFTRunConfig", "load_config", "parse_overrides", "run_name", "resolve_recipe",
+    "RECIPES_DIR", "config_to_yaml", "RewardSpec", "EnvConfig", "LoraConfig", "GRPOConfig", "PPOConfig",
+    "RLRunConfig", "GRPORunConfig", "PPORunConfig", "RUN_KINDS",
+]
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in a recipe or an override. The CLI prints it in one line, without traceback."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Task
+# ----------------------------------------------------------------------------------------------
+
+class CardsTaskConfig(Strict):
+    """The card scoring game (see `mechrl.tasks.cards`). Data is generated from `data_seed`, which is
+    separate from the run seed so that runs with different training seeds see the same examples."""
+
+    name: Literal["cards"] = "cards"
+    id_families: list[str] = ["color_sum_diff", "count_above", "parity_count_diff"]
+    """Rule families seen in training and in the ID test split."""
+    composition_families: list[str] = ["color_count_diff", "sum_above", "parity_sum_diff"]
+    """Families that recombine ID rule parts in unseen ways: the `ood_composition` split."""
+    id_colors: list[str] = ["RED", "BLUE", "GREEN", "YELLOW"]
+    id_rule_colors: list[str] | None = ["RED", "BLUE"]
+    """Colours that ID rules name (pairs drawn from these; cards still use every ID colour). A tiny
+    model learns to retrieve a rule's colours from its text slowly: with two rule colours the
+    colour-sum family is learnable in minutes on a CPU. None: rules name any ID colour."""
+    ood_colors: list[str] = ["PURPLE", "ORANGE", "WHITE", "BLACK"]
+    """Colours of the `ood_colors` split (cards and rule text); never seen in training."""
+    min_cards: int = Field(3, ge=1)
+    max_cards: int = Field(6, ge=1)
+    ood_min_cards: int = Field(8, ge=1)
+    ood_max_cards: int = Field(10, ge=1)
+    """Card counts of the `ood_length` split; must lie above `max_cards`."""
+    max_value: int = Field(9, ge=1, le=9)
+    """Card values are 0..max_value (single digits)."""
+    thresholds: list[int] = [3, 4, 5, 6]
+    """The k of "cards above k" rules."""
+    big_threshold: int = 1
+    """BIG iff score >= big_threshold: the label on every example and the `ood_bigsmall` question."""
+    answer_format: Literal["worked", "direct"] = "worked"
+    """`direct`: the number alone. `worked`: the selected values and partial results, then the number."""
+    train_family_weights: dict[str, float] | None = None
+    """Relative frequency of each ID family in the train split only (default 1 each); evaluated
+    splits stay uniform. Lets a hard family get more of a small training budget."""
+    n_train: int = Field(50_000, ge=1)
+    n_val: int = Field(500, ge=1)
+    n_test: int = Field(1_000, ge=1)
+    n_ood: int = Field(1_000, ge=1)
+    """Examples in each OOD split."""
+    data_seed: int = 1234
+
+    @field_validator("id_families", "composition_families")
+    @classmethod
+    def _known_families(cls, v: list[str]) -> list[str]:
+        from mechrl.tasks.cards.rules import FAMILIES  # local: rules imports nothing from config
+
+        for fam in v:
+            if fam not in FAMILIES:
+                raise ValueError(f"unknown rule family {fam!r}{_suggest(fam, FAMILIES)}; known: {sorted(FAMILIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "CardsTaskConfig":
+        if not self.id_families:
+            raise ValueError("id_families: at least one rule family is needed")
+        overlap = set(self.id_families) & set(self.composition_families)
+        if overlap:
+            raise ValueError(f"composition_families must not contain ID families: {sorted(overlap)}")
+        if len(self.id_colors) < 2 or len(self.ood_colors) < 2:
+            raise ValueError("id_colors and ood_colors need at least two colours each")
+        if self.id_rule_colors is not None and (len(self.id_rule_colors) < 2
+                                                or not set(self.id_rule_colors) <= set(self.id_colors)):
+            raise ValueError(f"id_rule_colors must be at least two of id_colors, got {self.id_rule_colors}")
+        if set(self.id_colors) & set(self.ood_colors):
+            raise ValueError(f"ood_colors overlap id_colors: {sorted(set(self.id_colors) & set(self.ood_colors))}")
+        for c in self.id_colors + self.ood_colors:
+            if not c.isalpha() or not c.isupper():
+                raise ValueError(f"colour names must be upper-case words, got {c!r}")
+        if self.train_family_weights is not None:
+            unknown = set(self.train_family_weights) - set(self.id_families)
+            if unknown:
+                raise ValueError(f"train_family_weights names families that are not ID families: {sorted(unknown)}")
+            if any(w <= 0 for w in self.train_family_weights.values()):
+                raise ValueError(f"train_family_weights must be positive, got {self.train_family_weights}")
+        if self.min_cards > self.max_cards:
+            raise ValueError(f"min_cards ({self.min_cards}) > max_cards ({self.max_cards})")
+        if not (self.max_cards < self.ood_min_cards <= self.ood_max_cards):
+            raise ValueError("need max_cards < ood_min_cards <= ood_max_cards so that the length shift "
+                             f"is a shift (got {self.max_cards}, {self.ood_min_cards}, {self.ood_max_cards})")
+        if not self.thresholds or any(not 0 <= k < self.max_value for k in self.thresholds):
+            raise ValueError(f"thresholds must be non-empty and in [0, max_value), got {self.thresholds}")
+        return self
+
+
+TaskConfig = Annotated[Union[CardsTaskConfig], Field(discriminator="name")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+class TinyModelConfig(Strict):
+    """A small model built locally (no download) when `model.path` is unset."""
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = Field(2, ge=1)
+    d_model: int = Field(128, ge=8)
+    n_head: int = Field(4, ge=1)
+    d_mlp: int | None = None
+    """MLP width; default 4 * d_model."""
+    n_positions: int = Field(256, ge=16)
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "TinyModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class ModelConfig(Strict):
+    path: str | None = None
+    """A local folder or a hub name (downloaded only because the user named it). None: build `tiny`."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+    """Off by default: remote code runs only when the user turns this on."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+class SFTConfig(Strict):
+    """Supervised fine-tuning with TRL's SFTTrainer; loss on completion (answer) tokens only."""
+
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(2000, ge=1)
+    warmup_steps: int = Field(100, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decays to lr * min_lr_ratio."""
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.98, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    """Checkpoint and evaluate every split every this many steps (and at the end)."""
+
+
+class EvalConfig(Strict):
+    n_per_split: int = Field(300, ge=1)
+    """Examples per split at intermediate checkpoints."""
+    n_final: int = Field(1000, ge=1)
+    """Examples per split at the final checkpoint (capped by the split's size)."""
+    batch_size: int = Field(256, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    """None: the task's own bound for its longest answer."""
+    n_samples: int = Field(8, ge=0)
+    """Completions per split written to samples.jsonl at each evaluation."""
+
+
+class TrackingConfig(Strict):
+    """Optional metric sinks; none touches the network unless the user asks (`wandb_mode: online`)."""
+
+    sinks: list[Literal["wandb", "trackio", "tensorboard"]] = []
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "mechrl"
+
+
+class RunConfig(Strict):
+    """Fields common to every run."""
+
+    kind: str
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    out_dir: str = "runs"
+    task: TaskConfig = CardsTaskConfig()
+    model: ModelConfig = ModelConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    presets: dict[str, dict[str, Any]] = {}
+    """Named sets of dotted overrides (`preset=tiny`); kept in the recipe for reference."""
+    preset: str | None = None
+
+
+class SFTRunConfig(RunConfig):
+    kind: Literal["sft"] = "sft"
+    train: SFTConfig = SFTConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# RL: rewards, environments, adapters, GRPO, PPO
+# ----------------------------------------------------------------------------------------------
+
+class RewardSpec(Strict):
+    """One reward component: a registered reward function, its parameters and its weight.
+    The total reward is the weighted sum of the components; each is logged as `reward/<name>`."""
+
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = {}
+
+
+class EnvConfig(Strict):
+    """Where RL prompts come from. For cards: ID rules, mixed with a fraction of OOD-shifted ones.
+    RL prompts are drawn fresh (seeded by `seed`) and never equal a prompt of an evaluated split."""
+
+    ood_fraction: float = Field(0.0, ge=0, le=1)
+    """Fraction of RL prompts drawn from the `ood_splits` distributions (the rest are ID)."""
+    ood_splits: list[str] = []
+    """Which shifts the OOD fraction is drawn from (e.g. [ood_composition]); required when ood_fraction > 0."""
+    seed: int | None = None
+    """Seed of the prompt stream; None: the run's seed (so runs with different seeds see different prompts)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "EnvConfig":
+        if self.ood_fraction > 0 and not self.ood_splits:
+            raise ValueError("ood_fraction > 0 needs ood_splits (e.g. [ood_composition])")
+        return self
+
+
+class LoraConfig(Strict):
+    """PEFT LoRA on the policy (the reference model is then the base with adapters disabled)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """None: the architecture's attention projections (GPT-2 c_attn/c_proj; Llama q/k/v/o_proj)."""
+
+
+class RLCommon(Strict):
+    """Fields every RL loop shares."""
+
+    lr: float = Field(1e-5, gt=0)
+    max_steps: int = Field(100, ge=1)
+    """Optimisation steps, each on one freshly sampled batch (times `num_iterations` / epochs)."""
+    prompts_per_step: int = Field(16, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Sequences per forward/backward; gradients accumulate over the step. None: the whole batch."""
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora: LoraConfig | None = None
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(50, ge=1)
+    """Checkpoint (weights + optimizer/scheduler/RNG state) every this many steps and at the end."""
+    eval_every: int = Field(50, ge=1)
+    """Evaluate every split every this many steps (at checkpoints) and at the end."""
+    sample_every: int = Field(10, ge=1)
+    """Write this step's first completions to samples.jsonl every this many steps."""
+    n_samples: int = Field(4, ge=0)
+
+
+class GRPOConfig(RLCommon):
+    """Group-relative policy optimisation (see `mechrl.train.grpo`)."""
+
+    num_generations: int = Field(8, ge=2)
+    """Completions per prompt (the group). Advantages are relative within a group."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimisation passes over each generation batch (the clipped ratio uses the kept old log-probs)."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    beta: float = Field(0.0, ge=0)
+    """Weight of the KL to the reference model (k3 estimator, per token)."""
+    kl_bias_correction: bool = True
+    """Weight the per-token KL by the importance ratio (TRL's default `use_bias_correction_kl`)."""
+    epsilon_low: float = Field(0.2, ge=0)
+    epsilon_high: float | None = Field(None, ge=0)
+    """Upper clip; None: epsilon_low."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+
+class PPOConfig(RLCommon):
+    """PPO with a value head and a per-token KL penalty to the reference (see `mechrl.train.ppo`)."""
+
+    ppo_epochs: int = Field(4, ge=1)
+    num_minibatches: int = Field(1, ge=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float | None = Field(0.2, gt=0)
+    """None: the value loss is not clipped."""
+    vf_coef: float = Field(0.5, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    kl_coef: float = Field(0.05, ge=0)
+    """Per-token KL penalty to the reference, folded into the rewards before GAE."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+
+
+class RLRunConfig(RunConfig):
+    """Fields common to RL runs: the rewards and the prompt environment."""
+
+    reward: list[RewardSpec] = [RewardSpec(name="cards_correct")]
+    env: EnvConfig = EnvConfig()
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        # `reward: {name: x, params: {...}}` is one component; a list is a weighted sum
+        return [v] if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _check_rewards(self) -> "RLRunConfig":
+        if not self.reward:
+            raise ValueError("reward: at least one reward component is needed")
+        names = [r.name for r in self.reward]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward: a component is listed twice: {names}")
+        return self
+
+
+class GRPORunConfig(RLRunConfig):
+    kind: Literal["grpo"] = "grpo"
+    train: GRPOConfig = GRPOConfig()
+
+
+class PPORunConfig(RLRunConfig):
+    kind: Literal["ppo"] = "ppo"
+    train: PPOConfig = PPOConfig()
+
+
+RUN_KINDS: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "grpo": GRPORunConfig, "ppo": PPORunConfig}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# ----------------------------------------------------------------------------------------------
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The valid field names of the model found by walking `loc` from `cls` (None when not a model)."""
+    for part in loc:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        args = getattr(ann, "__args__", ()) or ()
+        models = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cls = models[0] if models else None
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return None
+
+
+#: Sections that are tagged unions: pydantic puts the tag into error locations ("task.cards.x").
+_UNION_SECTIONS = {"task"}
+
+
+def _strip_union_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] in _UNION_SECTIONS and i == 1))
+
+
+def _format_errors(err: ValidationError, cls: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _strip_union_tags(tuple(str(p) for p in e["loc"]))
+        key = ".".join(loc) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            parent, leaf = loc[:-1], loc[-1]
+            valid = _fields_at(cls, parent) or []
+            full = [".".join((*parent, v)) for v in valid]
+            close = difflib.get_close_matches(key, full, n=3, cutoff=0.5)
+            hint = (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close
+                    else f"; valid keys here: {', '.join(valid)}")
+            lines.append(f"unknown key '{key}'{hint}")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"{key}: {e['msg']}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}{got_s}" if e["type"] != "value_error" else f"{key}: {msg}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "seed=7"]` -> `{"train.lr": 0.0003, "seed": 7}` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        out[key] = _parse_value(raw)
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse override value {raw!r}: {e}") from None
+    # YAML 1.1 reads "3e-4" as a string; numbers in scientific notation are meant as floats.
+    if isinstance(value, str):
+        try:
+            f = float(value)
+            if math.isfinite(f) and any(ch.isdigit() for ch in value):
+                return f
+        except ValueError:
+            pass
+    return value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _get_dotted(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for p in key.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe path, or the bare name of a built-in recipe (`cards-sft`)."""
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    builtin = RECIPES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if builtin.is_file() and (p.parent == Path(".") or p.parent.name == "recipes"):
+        return builtin
+    names = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe not found: {recipe}{_suggest(p.stem, names)}; built-in recipes: {', '.join(names)}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict, overrides: dict[str, Any] | None = None, *, source: str = "config",
+                 kind: str | None = None) -> tuple[RunConfig, RunConfig]:
+    """Validate `data` + preset + `overrides`. Returns (config, recipe_default) where the default is
+    the recipe with its preset but without the overrides (used for the run name)."""
+    overrides = dict(overrides or {})
+    data = _deepcopy(data)
+    preset = overrides.pop("preset", data.get("preset"))
+    if kind is not None:
+        if data.get("kind", kind) != kind:
+            raise ConfigError(f"{source}: this recipe is kind {data.get('kind')!r}, not {kind!r}")
+        data["kind"] = kind
+    k = data.get("kind")
+    if k not in RUN_KINDS:
+        raise ConfigError(f"{source}: 'kind' must be one of {sorted(RUN_KINDS)}, got {k!r}")
+    cls = RUN_KINDS[k]
+    if preset is not None:
+        presets = data.get("presets") or {}
+        if preset not in presets:
+            raise ConfigError(f"{source}: unknown preset {preset!r}{_suggest(str(preset), presets)}; "
+                              f"presets: {', '.join(presets) or 'none'}")
+        for key, value in presets[preset].items():
+            _set_dotted(data, key, value)
+        data["preset"] = preset
+    base = _deepcopy(data)
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    try:
+        cfg = cls.model_validate(data)
+        default = cls.model_validate(base)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, cls, source)) from None
+    return cfg, default
+
+
+def load_config(recipe: str | Path, overrides: list[str] | dict | None = None, *,
+                kind: str | None = None) -> tuple[RunConfig, str]:
+    """Load a recipe with overrides. Returns (config, run name)."""
+    path = resolve_recipe(recipe)
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    cfg, default = build_config(_read_yaml(path), ov, source=str(path), kind=kind)
+    return cfg, run_name(cfg, default)
+
+
+def _deepcopy(x):
+    return yaml.safe_load(yaml.safe_dump(x)) if x is not None else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Run names
+# ----------------------------------------------------------------------------------------------
+
+#: Short tags for common keys; any other key is tagged by its last component.
+TAGS = {
+    "train.lr": "lr", "train.batch_size": "bs", "train.max_steps": "steps", "train.beta": "beta",
+    "train.num_generations": "G", "train.loss_type": "", "model.tiny.n_layer": "L",
+    "model.tiny.d_model": "d", "task.answer_format": "", "train.lora_rank": "lora_r",
+}
+_SKIP_IN_NAME = {"seed", "name", "out_dir", "preset", "presets", "tracking", "kind"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "T" if v else "F"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
+            mant, exp = f"{v:.3e}".split("e")
+            return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+        return f"{v:.4g}"
+    if isinstance(v, dict):  # e.g. a reward component: its name (and weight when not 1)
+        if "name" in v:
+            w, params = v.get("weight", 1.0), v.get("params") or {}
+            return (str(v["name"]) + "".join(f"-{k}{_fmt(x)}" for k, x in params.items())
+                    + ("" if w == 1.0 else f"x{_fmt(w)}"))
+        return "-".join(f"{k}{_fmt(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "-".join(_fmt(x) for x in v)
+    if v is None:
+        return "none"
+    return str(v).replace("/", "-").replace(" ", "")
+
+
+def run_name(cfg: RunConfig, default: RunConfig | None = None) -> str:
+    """`<name>[-<preset>]_<tag><value>..._s<seed>` with a tag per value that differs from `default`."""
+    parts = [cfg.name + (f"-{cfg.preset}" if cfg.preset else "")]
+    if default is not None:
+        a, b = _flatten(cfg.model_dump()), _flatten(default.model_dump())
+        for key in sorted(set(a) | set(b)):
+            if key.split(".")[0] in _SKIP_IN_NAME or a.get(key) == b.get(key):
+                continue
+            tag = TAGS.get(key, key.split(".")[-1] + "_")
+            parts.append(f"{tag}{_fmt(a.get(key))}")
+    parts.append(f"s{cfg.seed}")
+    name = "_".join(parts)
+    if len(name) > MAX_NAME:  # keep it a valid file name; the hash keeps distinct configs distinct
+        import hashlib
+
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[:MAX_NAME - 20]}_{digest}_s{cfg.seed}"
+    return name
+
+
+#: Longest run name (file systems refuse names over 255 bytes).
+MAX_NAME = 160
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class _TaskOnly(Strict):
+    task: TaskConfig
+
+
+def build_task_config(data: dict, overrides: dict[str, Any] | None = None, *, source: str = "task") -> TaskConfig:
+    """A task config from a mapping plus `task.`-prefixed dotted overrides."""
+    tree = {"task": _deepcopy(data)}
+    for key, value in (overrides or {}).items():
+        if not key.startswith("task."):
+            raise ConfigError(f"{source}: only task.* overrides apply here, got {key!r}")
+        _set_dotted(tree, key, value)
+    try:
+        return _TaskOnly.model_validate(tree).task
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, _TaskOnly, source)) from None

@@ -1,0 +1,19 @@
+"""Rewards: plain functions `fn(prompts, completions, examples, **params) -> list[float]`, registered
+by name and composed into one weighted reward from the recipe's `reward:` list.
+
+    >>> from mechrl.config import RewardSpec
+    >>> reward = build_reward([RewardSpec(name="cards_correct"), RewardSpec(name="cards_format", weight=0.5)])
+    >>> reward.names
+    ['cards_correct', 'cards_format']
+
+Importing this package registers the built-ins (`mechrl.rewards.builtin`).
+"""
+
+from __future__ import annotations
+
+from mechrl.rewards import builtin  # noqa: F401  (registers the built-in rewards)
+from mechrl.rewards.registry import (
+    Reward, RewardFn, RewardOutput, build_reward, get_reward, list_rewards, register_reward,
+)
+
+__all__ = ["Reward", "RewardFn", "RewardOutput", "build_reward", "get_reward", "list_rewards", "register_reward"]

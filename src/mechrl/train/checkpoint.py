@@ -1,0 +1,115 @@
+"""Checkpoints of mechrl's own training loops (GRPO, PPO): everything a killed run needs to resume.
+
+    checkpoints/step-N/
+      model.safetensors, config.json, tokenizer*   the policy as a plain HF model (LoRA merged in),
+                                                   loadable by `mechrl eval` or `from_pretrained`
+      adapter/                                     the LoRA adapter (PEFT format), when training one
+      resume/optimizer.pt, resume/scheduler.pt     optimizer and LR-scheduler state (tensors and
+                                                   plain containers only: loaded with weights_only=True)
+      resume/rng.safetensors                       torch CPU / CUDA / sampling-generator RNG states
+      resume/<name>.safetensors                    extra trained modules of the loop (e.g. PPO's value head)
+      resume/state.json                            step, Python RNG state, environment state, extras
+
+A checkpoint is written into `checkpoints/.partial-step-N/` and renamed when complete, so a run
+killed mid-save never leaves something that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from mechrl.models.adapters import merged_model
+from mechrl.runs.rundir import RunDir, atomic_write_json
+
+PARTIAL_PREFIX = ".partial-"
+
+
+def _py_random_state() -> list:
+    v, state, gauss = random.getstate()
+    return [v, list(state), gauss]
+
+
+def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, scheduler,
+                    generator: torch.Generator | None, state: dict[str, Any],
+                    modules: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write `checkpoints/step-{step}` (see the module docstring) and return its path."""
+    final = run.checkpoint_path(step)
+    tmp = final.parent / f"{PARTIAL_PREFIX}{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    merged_model(policy).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if isinstance(policy, PeftModel):
+        policy.save_pretrained(tmp / "adapter", safe_serialization=True)
+    res = tmp / "resume"
+    res.mkdir()
+    for name, module in (modules or {}).items():
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, res / f"{name}.safetensors")
+    torch.save(optimizer.state_dict(), res / "optimizer.pt")
+    torch.save(scheduler.state_dict(), res / "scheduler.pt")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    if generator is not None:
+        rng["sampling"] = generator.get_state()
+    save_file(rng, res / "rng.safetensors")
+    atomic_write_json(res / "state.json", {"step": step, "python_random": _py_random_state(), **state})
+    if final.exists():  # a redone step after a resume: replace the old checkpoint of that step
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torch.Generator | None,
+                    modules: dict[str, torch.nn.Module] | None = None) -> dict:
+    """Restore optimizer, scheduler, RNG (and a LoRA adapter's weights) from `path`; returns the
+    saved state dict (with `step`). Full-model weights are loaded by the caller with
+    `from_pretrained(path)` before the optimizer is built."""
+    res = path / "resume"
+    if not (res / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a resumable checkpoint (no resume/state.json)")
+    if isinstance(policy, PeftModel):
+        adapter = path / "adapter" / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise FileNotFoundError(f"{path}: the run trains a LoRA adapter but {adapter} is missing")
+        result = set_peft_model_state_dict(policy, load_file(adapter))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"{adapter}: keys that match no adapter weight: {unexpected[:5]}")
+    for name, module in (modules or {}).items():
+        f = res / f"{name}.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: no saved state for module {name!r} ({f})")
+        module.load_state_dict(load_file(f, device=str(next(module.parameters()).device)))  # strict
+    optimizer.load_state_dict(torch.load(res / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(res / "scheduler.pt", weights_only=True))
+    rng = load_file(res / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    if generator is not None:
+        if "sampling" not in rng:
+            raise RuntimeError(f"{path}: no sampling-generator state saved")
+        generator.set_state(rng["sampling"])
+    state = json.loads((res / "state.json").read_text())
+    v, st, gauss = state["python_random"]
+    random.setstate((v, tuple(st), gauss))
+    return state
+
+
+def clear_partial(run: RunDir) -> None:
+    """Remove half-written checkpoints left by a killed save."""
+    if run.checkpoints_dir.exists():
+        for p in run.checkpoints_dir.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(p)

@@ -1,0 +1,214 @@
+"""GRPO: group-relative policy optimisation, top to bottom.
+
+Each step:
+  1. draw `prompts_per_step` prompts from the environment and sample `num_generations`
+     completions of each with mechrl's KV-cache sampler (B = prompts x generations sequences,
+     the G completions of a prompt contiguous);
+  2. score them with the configured rewards (each component logged on its own);
+  3. advantages relative to the group: (r - mean_group) / (std + eps) (`losses.group_advantages`);
+  4. `num_iterations` optimiser updates on that batch with the clipped token-level objective of
+     `losses.grpo_loss` ("grpo", "dapo" or "dr_grpo"), plus `beta` x KL to the reference model;
+     gradients accumulate over micro-batches, normalised so that the result does not depend on
+     the micro-batch size.
+
+The loss matches TRL's GRPOTrainer on the same batch (tests hold it to 1e-5). What is left out:
+vLLM, sequence-level importance sampling, and the many loss variants TRL carries.
+
+Old log-probs: with one iteration the ratio is exactly 1 (old = current, detached), as in TRL;
+with more, they come from one no-grad forward pass before the first update.
+
+Where later methods plug in (`GRPOHooks`): `on_batch` sees each scored batch and may attach
+per-sample labels (e.g. a reward-hacking detector's flags) or change advantages; `logprobs` computes
+the policy's log-probs of a micro-batch and is where per-sample gradient masks enter (e.g.
+gradient routing between two adapters). The loop itself stays as it is.
+
+    mechrl grpo recipes/cards-grpo.yaml model.path=runs/cards-sft_s0/checkpoints/step-2000
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mechrl.config import GRPORunConfig
+from mechrl.envs import StepResult
+from mechrl.runs.rundir import RunDir
+from mechrl.train.losses import group_advantages, grpo_loss
+from mechrl.train.rlcommon import RLState, Timer, check_finite, micro_batches, run_rl, scalars
+from mechrl.train.rollout import completion_logprobs, generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOBatch:
+    """One generation batch. B = prompts x generations, P prompt length, T completion length."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T) 1 on generated tokens up to and including EOS
+    rewards: torch.Tensor  # (B,) total reward
+    advantages: torch.Tensor  # (B,) or (B, T)
+    texts: list[str]
+    prompts: list[str]
+    result: StepResult  # reward components and per-sample infos from the environment
+    sampler_logp: torch.Tensor  # (B, T) log-probs of the sampled tokens under the sampling distribution
+    old_logp: torch.Tensor | None = None  # (B, T); None: the ratio is 1 (one iteration)
+    ref_logp: torch.Tensor | None = None  # (B, T); set when beta > 0
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample labels from hooks, (B,)
+
+
+class GRPOHooks:
+    """Extension points; the default does nothing special."""
+
+    def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
+        """Called after scoring, before any forward pass. May set `batch.labels` or change
+        `batch.advantages`. Returns metrics to log (namespaced keys)."""
+        return {}
+
+    def logprobs(self, st: RLState, batch: GRPOBatch, mb: slice) -> torch.Tensor:
+        """Per-token log-probs (len(mb), T) of the policy, with gradients."""
+        return completion_logprobs(st.policy, batch.prompt_ids[mb], batch.prompt_mask[mb],
+                                   batch.completion_ids[mb], batch.completion_mask[mb],
+                                   temperature=st.cfg.train.temperature)
+
+
+@torch.no_grad()
+def _logprobs_no_grad(model, batch: GRPOBatch, temperature: float, size: int | None) -> torch.Tensor:
+    parts = [completion_logprobs(model, batch.prompt_ids[mb], batch.prompt_mask[mb], batch.completion_ids[mb],
+                                 batch.completion_mask[mb], temperature=temperature)
+             for mb in micro_batches(batch.prompt_ids.size(0), size)]
+    return torch.cat(parts, 0)
+
+
+def rollout(st: RLState, timer: Timer) -> GRPOBatch:
+    """Sample, score and compute advantages for one step's batch."""
+    t = st.cfg.train
+    G = t.num_generations
+    items = st.env.reset(t.prompts_per_step)
+    group_items = [it for it in items for _ in range(G)]  # the G completions of a prompt are contiguous
+    prompts = [it.prompt for it in group_items]
+    with timer("generate"):
+        roll = generate(st.policy, st.tokenizer, prompts, max_new_tokens=t.max_new_tokens,
+                        temperature=t.temperature, top_k=t.top_k, top_p=t.top_p, generator=st.generator)
+    with timer("reward"):
+        result = st.env.step(group_items, roll.texts)
+    rewards = result.rewards.total.to(st.device, torch.float32)  # (B,)
+    advantages, _ = group_advantages(rewards, G, t.scale_rewards)
+    return GRPOBatch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask, rewards,
+                     advantages, roll.texts, prompts, result, roll.logprobs)
+
+
+def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
+                  micro_batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """`num_iterations` optimiser updates on one batch; returns (loss, grad_norm, loss metrics).
+    Gradients accumulate over micro-batches; the losses are normalised by the whole batch's
+    sequence and token counts, so the update does not depend on `micro_batch_size`."""
+    t = st.cfg.train
+    B = batch.rewards.numel()
+    mask = batch.completion_mask.float()  # (B, T)
+    n_tokens = int(mask.sum().item())
+    # old and reference log-probs, fixed for the whole step
+    if t.num_iterations > 1:
+        batch.old_logp = _logprobs_no_grad(st.policy, batch, t.temperature, micro_batch_size)
+    if t.beta > 0:
+        with st.reference_context():
+            batch.ref_logp = _logprobs_no_grad(st.ref_model, batch, t.temperature, micro_batch_size)
+
+    params = [p for p in st.policy.parameters() if p.requires_grad]
+    loss_metrics: dict[str, torch.Tensor] = {}
+    for _ in range(t.num_iterations):
+        st.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros((), device=st.device)
+        for mb in micro_batches(B, micro_batch_size):
+            logp = hooks.logprobs(st, batch, mb)  # (b, T)
+            old = logp.detach() if batch.old_logp is None else batch.old_logp[mb]
+            ref = None if batch.ref_logp is None else batch.ref_logp[mb]
+            loss, m = grpo_loss(logp, old, batch.advantages[mb], mask[mb], loss_type=t.loss_type,
+                                epsilon_low=t.epsilon_low, epsilon_high=t.epsilon_high, beta=t.beta,
+                                ref_logp=ref, kl_bias_correction=t.kl_bias_correction, max_completion_length=t.max_new_tokens,
+                                total_sequences=B, total_tokens=n_tokens)
+            loss.backward()
+            total_loss = total_loss + loss.detach()
+            w = (mb.stop - mb.start) / (B * t.num_iterations)  # metrics averaged by share of sequences
+            for k, v in m.items():
+                loss_metrics[k] = loss_metrics.get(k, 0.0) + w * v.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"GRPO: gradient norm is {grad_norm.item()} (loss {total_loss.item()})")
+        st.optimizer.step()
+    st.scheduler.step()
+    return total_loss, grad_norm, loss_metrics
+
+
+def grpo_step(st: RLState, hooks: GRPOHooks, timer: Timer) -> tuple[dict[str, float], GRPOBatch]:
+    """One GRPO step: rollout, scoring, `num_iterations` updates. Returns (metrics, batch)."""
+    t = st.cfg.train
+    # ALGO LOGIC
+    batch = rollout(st, timer)
+    hook_metrics = hooks.on_batch(st, batch)
+    with timer("update"):
+        total_loss, grad_norm, loss_metrics = policy_update(st, batch, hooks, t.micro_batch_size)
+    mask = batch.completion_mask.float()  # (B, T)
+    n_tokens = int(mask.sum().item())
+
+    # TRY NOT TO MODIFY: logging
+    lengths = batch.completion_mask.sum(1).float()  # (B,)
+    eos = st.tokenizer.eos_token_id
+    ended = ((batch.completion_ids == eos) & batch.completion_mask.bool()).any(1)
+    metrics = {
+        "reward/mean": batch.rewards.mean(), "reward/std": batch.rewards.std(),
+        "reward/frac_reward_zero_std": _frac_zero_std(batch.rewards, t.num_generations),
+        "policy/loss": total_loss, "policy/grad_norm": grad_norm, "policy/lr": st.scheduler.get_last_lr()[0],
+        # a Monte Carlo estimate of the sampling distribution's entropy: the mean surprisal of its samples
+        "policy/entropy": -(batch.sampler_logp * mask).sum() / max(n_tokens, 1),
+        "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
+        "completions/min_length": lengths.min(), "completions/clipped_frac": 1.0 - ended.float().mean(),
+    }
+    for name, v in batch.result.rewards.components.items():
+        metrics[f"reward/{name}/mean"] = v.float().mean()
+        metrics[f"reward/{name}/std"] = v.float().std()
+    metrics.update({f"policy/{k}": v for k, v in loss_metrics.items()})
+    infos = batch.result.infos
+    if infos and "correct" in infos[0]:
+        metrics["env/accuracy"] = sum(bool(i["correct"]) for i in infos) / len(infos)
+        metrics["env/format_error_rate"] = sum(bool(i["format_error"]) for i in infos) / len(infos)
+    out = scalars(metrics)
+    out.update(hook_metrics)
+    check_finite(out, f"GRPO step metrics of {st.run.path.name}")
+    return out, batch
+
+
+def _frac_zero_std(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    return (rewards.view(-1, G).std(1) < 1e-8).float().mean()
+
+
+def _samples(step: int, batch: GRPOBatch, n: int) -> list[dict]:
+    """The first `n` completions of the batch with their rewards, advantages and infos."""
+    out = []
+    for i in range(min(n, len(batch.texts))):
+        rec = {"step": step, "prompt": batch.prompts[i], "completion": batch.texts[i],
+               "reward": float(batch.rewards[i]), "advantage": float(batch.advantages[i].float().mean())}
+        rec.update({f"reward/{k}": float(v[i]) for k, v in batch.result.rewards.components.items()})
+        rec.update({k: v for k, v in batch.result.infos[i].items() if isinstance(v, (str, int, float, bool, type(None)))})
+        out.append(rec)
+    return out
+
+
+def _step(hooks: GRPOHooks):
+    def step_fn(st: RLState, timer: Timer, step: int):
+        metrics, batch = grpo_step(st, hooks, timer)
+        return metrics, _samples(step, batch, st.cfg.train.n_samples), int(batch.completion_mask.sum())
+    return step_fn
+
+
+def run_grpo(cfg: GRPORunConfig, run: RunDir, *, model=None, tokenizer=None, task=None,
+             hooks: GRPOHooks | None = None) -> Path:
+    """Train with GRPO, checkpoint, evaluate; returns the final checkpoint. Resumes when `run`
+    already holds checkpoints of this config."""
+    return run_rl(cfg, run, "grpo", _step(hooks or GRPOHooks()), need_ref=cfg.train.beta > 0, model=model,
+                  tokenizer=tokenizer, task=task)
