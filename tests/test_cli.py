@@ -76,8 +76,16 @@ def test_console_script_installed():
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["sft", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["sft", "--help"], ["demo", "--help"], ["grpo", "--help"],
+                                  ["ppo", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
+
+
+def test_grpo_cli_refuses_a_missing_sft_checkpoint(capsys, tmp_path):
+    code, err, lines = _run(capsys, "grpo", "cards-grpo", f"out_dir={tmp_path}",
+                            f"model.path={tmp_path / 'runs' / 'sft' / 'checkpoints' / 'step-9'}")
+    assert code == 2 and "checkpoint not found" in lines[0]
+    assert "Traceback" not in err

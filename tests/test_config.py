@@ -74,3 +74,24 @@ def test_override_parsing():
         parse_overrides(["train.lr"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config("cards-sft", ["seed.x=1"])
+
+
+def test_run_name_of_rewards_and_its_length_cap():
+    _, name = load_config("cards-grpo", ["reward=[{name: contains_word, params: {word: RED}}, "
+                                         "{name: cards_format, weight: 0.5}]"])
+    assert name == "cards-grpo_reward_contains_word-wordRED-cards_formatx0.5_s0"
+    long = [f"task.ood_colors=[{','.join(c * 12 for c in 'PQRSTUVWXYZ')}]"]
+    _, a = load_config("cards-grpo", long)
+    _, b = load_config("cards-grpo", long + ["train.lr=1e-3"])
+    assert len(a) <= 160 and len(b) <= 160 and a != b and a.endswith("_s0")
+
+
+def test_rl_configs_validate():
+    with pytest.raises(ConfigError, match="ood_fraction > 0 needs ood_splits"):
+        load_config("cards-grpo", ["env.ood_fraction=0.5"])
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_config("cards-grpo", ["reward=[{name: cards_correct}, {name: cards_correct}]"])
+    with pytest.raises(ConfigError, match=r"train\.loss_type"):
+        load_config("cards-grpo", ["train.loss_type=ppo"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.num_generation' \(did you mean 'train\.num_generations'"):
+        load_config("cards-grpo", ["train.num_generation=4"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,10 @@ def setup_rl(cfg: RLRunConfig, run: RunDir, *, need_ref: bool, model=None, token
     (e.g. an SFT checkpoint) or a tiny model; when the run has checkpoints it resumes from the last.
     `make_modules(policy) -> {name: module}` adds trained modules (optimised and checkpointed
     with the policy), such as PPO's value head."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # several processes would each sample, update and write the same run directory
+        raise NotImplementedError(f"mechrl's RL loops run in one process; this one is part of {world} "
+                                  "(accelerate launch / torchrun). Use one GPU per run and Ray for sweeps.")
     task = task or build_task(cfg.task)
     t = cfg.train
     clear_partial(run)

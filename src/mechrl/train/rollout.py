@@ -1,22 +1,27 @@
 """Batched sampling with a KV cache: the fast path of evaluation and of the RL loops.
 
-`generate(model, tok, prompts, ...)` left-pads the prompts (or takes them already tokenized), runs
-each distinct prompt once, then decodes one token per step from the cache until every row has
-emitted EOS (or a stop string) or `max_new_tokens` is reached. It returns token ids, per-token
+`generate(model, tok, prompts, ...)` left-pads the prompts (or takes them already tokenized as
+`prompt_ids`/`prompt_mask`, e.g. from `encode_prompts`), runs each distinct prompt once, then decodes
+one token per step from the cache until every row has emitted EOS (or a stop string) or
+`max_new_tokens` is reached. It returns token ids, per-token
 log-probs under the sampling distribution, and masks. Greedy decoding (`temperature=0`) gives the
 same tokens as `model.generate(do_sample=False)` (a test holds it to that).
 
-Why it is fast at small sizes, where a decode step costs Python and kernel overhead rather than
-arithmetic (each was measured; see bench/README.md):
+Why it is fast at small sizes, where a decode step is mostly fixed costs (measured on the benchmark
+batch, a 1.6M-parameter Llama, 16 prompts x 8 completions x 32 tokens, CPU; bench/README.md):
+- Sampling draws one uniform per row and inverts the CDF, an exact sample of the same distribution
+  as `torch.multinomial`, whose CPU kernel draws an exponential variate per vocabulary entry (30%
+  of the old sampler's time). The CDF is taken in two levels (block sums, then one block), since a
+  cumsum along a 4096-entry row is sequential and slow on CPU (-7%).
 - Prompts repeated in the batch (a GRPO group: each prompt G times) are prefilled once and their
-  KV cache rows copied, so prefill costs 1/G; the prefill computes logits for the last position only.
-- The KV cache is a `StaticCache` sized prompt + `max_new_tokens`: no concatenation per step.
-- The attention mask is built once, in the 4-D form the attention kernel takes, and opened one column
-  per step in place, so the model skips its per-step mask construction; positions are precomputed.
-- Sampling draws one uniform per row and inverts the CDF (`searchsorted` on the cumulative
-  probabilities), an exact sample of the same distribution as `torch.multinomial`, whose CPU
-  kernel draws an exponential variate for every vocabulary entry (it was 30% of the time).
-- On CUDA, `done.all()` (a host sync) is checked every few steps only.
+  cache rows copied, so prefill costs 1/G (-24%); it computes logits for the last position only.
+- The KV cache is a `StaticCache` sized prompt + `max_new_tokens`: no concatenation per step (-5%).
+- On CPU, decoding uses eager attention: PyTorch's CPU sdpa kernel is slow for one query (-10%).
+- The attention mask is allocated once, in the 4-D form the kernel takes, and one column opens per
+  step; positions are precomputed. No gain measured on CPU, but on GPU it skips the model's
+  per-step mask building, which syncs with the host; `done.all()` is checked every 8 steps there.
+Not kept: `torch.inference_mode` (within noise, and its tensors cannot be saved for backward).
+Not done: CUDA graphs / `torch.compile` of the decode step (its shapes are static, so it could be).
 
 Left out: beam search, repetition penalties, batching prompts of very different lengths by bucket.
 
@@ -26,14 +31,12 @@ Shapes: B prompts, P prompt length (left-padded), T generated length, V vocabula
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
-
-_X = os.environ.get("MECHRL_ROLLOUT_X", "")  # experiment knobs, removed before commit
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers.cache_utils import StaticLayer
 
 
 @dataclass
@@ -82,14 +85,41 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
         probs = logits.softmax(-1)
         remove = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
         logits = logits.masked_fill(remove, float("-inf"))
-    logp = logits.log_softmax(-1)  # (B, K)
-    # inverse-CDF sampling: one uniform per row, first column whose cumulative probability exceeds it
-    cdf = logp.exp().cumsum(-1)  # (B, K)
-    u = torch.rand(cdf.size(0), 1, device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
-    col = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # (B, 1)
-    lp = logp.gather(-1, col).squeeze(-1)
+    probs = logits.softmax(-1)  # (B, K)
+    col = _inverse_cdf(probs, generator)  # (B, 1)
+    lp = probs.gather(-1, col).log().squeeze(-1)  # sampled entries have probability > 0
     tokens = (col if idx is None else idx.gather(-1, col)).squeeze(-1)
     return tokens, lp
+
+
+def _below(x: torch.Tensor) -> torch.Tensor:
+    """The largest float below `x` (elementwise)."""
+    return torch.nextafter(x, torch.zeros_like(x))
+
+
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None, block: int = 64) -> torch.Tensor:
+    """One index per row of `probs` (B, K) (non-negative, not necessarily normalised), drawn with
+    probability proportional to its entry, from a single uniform per row. Two levels (which block of
+    `block` columns, then which column in it) so that only (B, K / block) and (B, block) cumulative
+    sums are taken: a cumsum over the whole vocabulary is sequential along it and slow on CPU. The
+    draw is clamped below each level's total, so a zero-probability entry is never returned."""
+    B, K = probs.shape
+    g_device = generator.device if generator is not None else probs.device
+    u = torch.rand(B, 1, device=g_device, dtype=probs.dtype, generator=generator).to(probs.device)  # (B, 1)
+    if K <= 2 * block:
+        cdf = probs.cumsum(-1)  # (B, K)
+        x = torch.minimum(u * cdf[:, -1:], _below(cdf[:, -1:]))
+        return torch.searchsorted(cdf, x, right=True).clamp_(max=K - 1)  # the clamp only matters for NaN rows
+    nb = -(-K // block)
+    padded = probs if nb * block == K else F.pad(probs, (0, nb * block - K))  # zeros at the end
+    blocks = padded.view(B, nb, block)  # (B, nb, block)
+    outer = blocks.sum(-1).cumsum(-1)  # (B, nb)
+    x = torch.minimum(u * outer[:, -1:], _below(outer[:, -1:]))
+    b = torch.searchsorted(outer, x, right=True).clamp_(max=nb - 1)  # (B, 1) a block with positive mass
+    inner = blocks[torch.arange(B, device=probs.device), b.squeeze(-1)].cumsum(-1)  # (B, block)
+    start = torch.where(b > 0, outer.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(x))
+    r = torch.minimum((x - start).clamp(min=0), _below(inner[:, -1:]))
+    return (b * block + torch.searchsorted(inner, r, right=True)).clamp_(max=K - 1)
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -109,45 +139,85 @@ def _validate_prompt_tensors(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         raise ValueError("generate: prompts must be left-padded (prompt_mask[:, -1] must be all 1)")
 
 
-@torch.no_grad()
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str] | None = None, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_strings: tuple[str, ...] = (), generator: torch.Generator | None = None,
              prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-             check_every: int | None = None) -> Rollout:
+             check_every: int | None = None, attn_implementation: str | None = None) -> Rollout:
     """Sample completions for `prompts` (strings), or for `prompt_ids`/`prompt_mask` ((B, P),
-    left-padded, e.g. from `encode_prompts`). `temperature=0` is greedy. `generator` (on the
-    model's device) makes sampling reproducible. `check_every`: decode steps between checks that
-    every row has ended (a host sync on GPU); default 1 on CPU, 8 on GPU."""
+    left-padded, e.g. from `encode_prompts`; the mask defaults to all ones). `temperature=0` is
+    greedy. `generator` (on the model's device) makes sampling reproducible. `check_every`: decode
+    steps between checks that every row has ended (a host sync on GPU); default 1 on CPU, 8 on GPU.
+    `attn_implementation`: the attention kernel to sample with ("eager", "sdpa", ...; the model's
+    setting is restored afterwards). Default: "eager" on CPU when the model is set to "sdpa" (PyTorch's
+    CPU sdpa kernel is slow for a single query: 11% of the benchmark's time), else the model's own.
+
+    The model is used as it is, in train or eval mode: call `model.eval()` first if it has dropout."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    device = next(model.parameters()).device
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"generate: top_k must be >= 0 (0 or None: off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     if (prompts is None) == (prompt_ids is None):
         raise ValueError("generate: pass either prompts (strings) or prompt_ids (+ prompt_mask), not both")
+    device = next(model.parameters()).device
     if prompts is not None:
         prompt_ids, prompt_mask = encode_prompts(tok, prompts, device)
     else:
-        if prompt_mask is None:
-            prompt_mask = torch.ones_like(prompt_ids)
+        prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     _validate_prompt_tensors(prompt_ids, prompt_mask)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 8
+    impl = getattr(model.config, "_attn_implementation", None)
+    if (attn_implementation is None and device.type == "cpu" and impl == "sdpa"
+            and getattr(model, "_can_set_attn_implementation", lambda: False)()):
+        attn_implementation = "eager"
+    switch = attn_implementation not in (None, impl)
+    try:
+        if switch:
+            model.set_attn_implementation(attn_implementation)
+            if model.config._attn_implementation != attn_implementation:  # e.g. a model that cannot switch
+                raise ValueError(f"generate: could not set attn_implementation={attn_implementation!r} on "
+                                 f"{type(model).__name__}; pass attn_implementation={impl!r}")
+        with torch.no_grad():
+            ids, mask, logprobs = _sample_loop(model, tok, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                               temperature=temperature, top_k=top_k, top_p=top_p,
+                                               stop_strings=stop_strings, generator=generator, check_every=check_every)
+    finally:
+        if switch:
+            model.set_attn_implementation(impl)
+    if not bool(torch.isfinite(logprobs).all()):
+        raise FloatingPointError("generate: the model produced non-finite logits (NaN or inf)")
+    if stop_strings:
+        _cut_at_stop(tok, ids, mask, logprobs, stop_strings, tok.pad_token_id)
+    width = int(mask.any(0).nonzero().max()) + 1  # drop trailing columns where no row is live
+    ids, mask, logprobs = ids[:, :width], mask[:, :width], logprobs[:, :width]
+    texts = decode_completions(tok, ids, mask, stop_strings)
+    return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, texts)
+
+
+def _sample_loop(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, stop_strings: tuple[str, ...], generator: torch.Generator | None,
+                 check_every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill and the decode loop; returns completion (ids, mask, logprobs), each (B, steps run)."""
     eos, pad = tok.eos_token_id, tok.pad_token_id
+    device = prompt_ids.device
     B, P = prompt_ids.shape
     T = max_new_tokens
     L = P + T
 
     # --- prefill: each distinct prompt once, then its cache rows copied to the rows that repeat it
     uniq, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
-    repeated = uniq.size(0) < B and "nodedupe" not in _X
+    repeated = uniq.size(0) < B
     u_ids, u_mask = (uniq[:, :P], uniq[:, P:]) if repeated else (prompt_ids, prompt_mask)  # (U, P)
     u_pos = (u_mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
-    static = "dynamic" not in _X
-    cache = StaticCache(config=model.config, max_cache_len=L) if static else DynamicCache()
-    kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") and "keepall" not in _X else {}
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, past_key_values=cache, use_cache=True,
                 **kw)
     logits = out.logits[:, -1, :].float()  # (U, V)
@@ -155,20 +225,21 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
         cache.reorder_cache(inverse)
         logits = logits[inverse]  # (B, V)
 
-    # --- decode state, allocated once
+    # --- decode state, allocated once. The mask covers the whole cache (L columns); column P + t
+    # opens when generated token t enters the cache.
     impl = getattr(model.config, "_attn_implementation", None)
-    if static and impl in ("sdpa", "eager") and "mask2d" not in _X:
-        # the 4-D mask the attention kernel takes: bool for sdpa, additive float for eager
-        if impl == "sdpa":
-            attn = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=device)
-            attn[:, 0, 0, :P] = prompt_mask.bool()
-            open_value = True
-        else:
-            dtype = next(model.parameters()).dtype
-            attn = torch.full((B, 1, 1, L), torch.finfo(dtype).min, dtype=dtype, device=device)
-            attn[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0.0)
-            open_value = 0.0
-    else:
+    if any(type(layer) is not StaticLayer for layer in cache.layers):
+        impl = None  # sliding-window or other special layers: the model builds its masks per layer type
+    if impl == "sdpa":  # the 4-D mask the kernel takes, so the model skips building one per step
+        attn = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=device)
+        attn[:, 0, 0, :P] = prompt_mask.bool()
+        open_value = True
+    elif impl == "eager":  # additive
+        dtype = next(model.parameters()).dtype
+        attn = torch.full((B, 1, 1, L), torch.finfo(dtype).min, dtype=dtype, device=device)
+        attn[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0.0)
+        open_value = 0.0
+    else:  # other kernels (flash, flex) build their own from the 2-D mask
         attn = torch.zeros(B, L, dtype=prompt_mask.dtype, device=device)
         attn[:, :P] = prompt_mask
         open_value = 1
@@ -178,7 +249,6 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     completion_mask = torch.zeros(B, T, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pad_t = torch.full((B,), pad, dtype=torch.long, device=device)
-    steps = T
     for t in range(T):
         tokens, lp = _sample(logits, temperature, top_k, top_p, generator)
         live = ~done
@@ -187,27 +257,15 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
         logprobs[:, t] = lp.masked_fill(done, 0.0)
         completion_mask[:, t] = live
         done = done | (tokens == eos)
-        if stop_strings and t % 4 == 3:
+        if stop_strings and t % 4 == 3:  # early exit only; `_cut_at_stop` finds the exact end afterwards
             done = done | _hit_stop(tok, completion_ids[:, :t + 1], completion_mask[:, :t + 1], stop_strings)
         if t == T - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
-            steps = t + 1
             break
-        if attn.ndim == 4:
-            attn[:, :, :, P + t] = open_value
-        else:
-            attn[:, P + t] = open_value
-        cur = attn if static else attn[:, :P + t + 1]
-        out = model(input_ids=tokens[:, None], attention_mask=cur, position_ids=positions[:, t:t + 1],
+        attn[..., P + t] = open_value
+        out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=positions[:, t:t + 1],
                     past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()  # (B, V)
-
-    completion_ids, completion_mask, logprobs = completion_ids[:, :steps], completion_mask[:, :steps], logprobs[:, :steps]
-    if stop_strings:
-        _cut_at_stop(tok, completion_ids, completion_mask, logprobs, stop_strings, pad)
-    width = int(completion_mask.any(0).nonzero().max()) + 1  # drop trailing columns where no row is live
-    completion_ids, completion_mask, logprobs = completion_ids[:, :width], completion_mask[:, :width], logprobs[:, :width]
-    texts = decode_completions(tok, completion_ids, completion_mask, stop_strings)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, texts)
+    return completion_ids[:, :t + 1], completion_mask[:, :t + 1], logprobs[:, :t + 1]
 
 
 def _hit_stop(tok, ids: torch.Tensor, mask: torch.Tensor, stop_strings) -> torch.Tensor:

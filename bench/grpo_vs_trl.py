@@ -1,0 +1,179 @@
+"""GRPO step time: mechrl's GRPO loop vs TRL's GRPOTrainer, same model, batch and settings, one process.
+
+Both train the same random tiny Llama (SimpleStories-1.25M shape, `common.tiny_llama`) from the
+same weights on the same 16 prompts x 8 generations x 32 new tokens, with the same reward (a
+text-level function of the completion), learning rate, `beta` and `loss_type="grpo"`. Each runs
+`--warmup` steps first (not timed), then `--steps` timed steps; the JSON records the median
+seconds per step of each, and `speedup` = TRL time / mechrl time.
+
+    .venv/bin/python bench/grpo_vs_trl.py                        # CPU, writes bench/results/grpo_vs_trl.json
+    .venv/bin/python bench/grpo_vs_trl.py --device cuda --prompts 32 --generations 16 --new-tokens 64 \\
+        --name grpo_vs_trl_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_tokenizer, prompt_batch, prompt_texts, tiny_llama, write_result  # noqa: E402
+
+
+def bench_reward(prompts, completions, examples=None, **kw) -> list[float]:
+    """Share of completion words whose id is even: cheap, and varied within a group."""
+    out = []
+    for c in completions:
+        words = c.split()
+        out.append(sum(int(w[1:]) % 2 == 0 for w in words if w[1:].isdigit()) / max(len(words), 1))
+    return out
+
+
+def time_mechrl(model_dir: Path, tok, prompts: list[str], args, device: str) -> list[float]:
+    from mechrl.config import GRPOConfig, GRPORunConfig, RewardSpec
+    from mechrl.envs import EnvItem, StepResult, TextEnv
+    from mechrl.models.loading import load_pretrained
+    from mechrl.models.adapters import frozen_copy
+    from mechrl.rewards import build_reward, register_reward
+    from mechrl.runs.rundir import RunDir
+    from mechrl.train.grpo import GRPOHooks, grpo_step
+    from mechrl.train.rlcommon import RLState, Timer, warmup_constant
+
+    register_reward("bench_even_words")(bench_reward)
+    reward = build_reward([RewardSpec(name="bench_even_words")])
+
+    class PromptEnv(TextEnv):
+        """The fixed prompt list, cycled; the benchmark reward."""
+
+        def __init__(self):
+            self.reward, self.i = reward, 0
+
+        def reset(self, n):
+            items = [EnvItem(prompts[(self.i + k) % len(prompts)], {}) for k in range(n)]
+            self.i += n
+            return items
+
+        def step(self, items, completions):
+            return StepResult(self.reward([it.prompt for it in items], completions, [it.example for it in items]),
+                              [{} for _ in items])
+
+        def state_dict(self):
+            return {"i": self.i}
+
+        def load_state_dict(self, state):
+            self.i = state["i"]
+
+    cfg = GRPORunConfig(name="bench", train=GRPOConfig(
+        lr=args.lr, prompts_per_step=args.prompts, num_generations=args.generations, max_new_tokens=args.new_tokens,
+        beta=args.beta, loss_type="grpo", temperature=1.0, max_steps=args.warmup + args.steps))
+    model, _ = load_pretrained(model_dir, device=device)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=0.0)
+    ref = frozen_copy(model) if args.beta > 0 else None
+    st = RLState(cfg, RunDir(tempfile.mkdtemp(prefix="mechrl-bench-")), None, PromptEnv(), model, ref, tok, opt,
+                 warmup_constant(opt, 0), torch.Generator(device=device).manual_seed(0), torch.device(device))
+    hooks, times = GRPOHooks(), []
+    for i in range(args.warmup + args.steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        grpo_step(st, hooks, Timer())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_trl(model_dir: Path, tok, prompts: list[str], args, device: str) -> list[float]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+
+    n_steps = args.warmup + args.steps
+    data = Dataset.from_dict({"prompt": prompts * n_steps})
+    B = args.prompts * args.generations
+    targs = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=B,
+        num_generations=args.generations, max_completion_length=args.new_tokens, learning_rate=args.lr,
+        beta=args.beta, loss_type="grpo", scale_rewards="group", temperature=1.0, max_steps=n_steps,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        use_cpu=device == "cpu", bf16=False, fp16=False, report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, seed=0, dataloader_num_workers=0, shuffle_dataset=False,
+    )
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=bench_reward, args=targs, train_dataset=data,
+                          processing_class=tok, callbacks=[timer])
+    trainer.train()
+    if len(timer.times) != n_steps:
+        raise RuntimeError(f"TRL ran {len(timer.times)} steps, expected {n_steps}")
+    return timer.times[args.warmup:]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--name", default="grpo_vs_trl")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+    tok = bench_tokenizer()
+    ids, mask = prompt_batch(args.prompts, 1, seed=0)
+    prompts = prompt_texts(ids, mask)
+    model_dir = Path(tempfile.mkdtemp(prefix="bench-llama-"))
+    model = tiny_llama("cpu")
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    mech = time_mechrl(model_dir, tok, prompts, args, args.device)
+    trl_times = time_trl(model_dir, tok, prompts, args, args.device)
+    m, t = statistics.median(mech), statistics.median(trl_times)
+    result = {
+        "mechrl_s_per_step": m, "trl_s_per_step": t, "speedup": t / m,
+        "mechrl_times_s": mech, "trl_times_s": trl_times,
+        "config": {"model": "tiny Llama (SimpleStories-1.25M shape)", "parameters": n_params,
+                   "prompts": args.prompts, "generations": args.generations, "new_tokens": args.new_tokens,
+                   "lr": args.lr, "beta": args.beta, "loss_type": "grpo", "warmup_steps": args.warmup,
+                   "timed_steps": args.steps, "torch_threads": torch.get_num_threads()},
+    }
+    path = write_result(args.name, result, device=args.device)
+    print(f"mechrl {m:.3f} s/step, TRL {t:.3f} s/step, speedup {t / m:.2f}x -> {path}")
+
+
+if __name__ == "__main__":
+    main()
