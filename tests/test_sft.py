@@ -40,7 +40,7 @@ def test_loss_mask_covers_exactly_the_answer_tokens(cards_task, cards_tok, tmp_p
 def _short_cfg(tmp_path, *extra):
     # One easy family, direct answers: learnable in ~150 steps on CPU.
     return load_config("cards-sft", [
-        f"out_dir={tmp_path}", "task.id_families=[count_above]", "task.composition_families=[sum_above]",
+        f"out_dir={tmp_path}", "task.id_families=[count_above]", "task.train_family_weights=null", "task.composition_families=[sum_above]",
         "task.answer_format=direct", "task.n_train=3000", "task.n_test=100", "task.n_ood=50", "task.n_val=50",
         "model.tiny.d_model=64", "train.max_steps=150", "train.warmup_steps=10", "train.lr=3e-3",
         "train.eval_every=75", "train.log_every=10", "eval.n_per_split=100", "eval.n_final=100", *extra])
