@@ -73,9 +73,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from mechrl.studies.sft_vs_rl import run_demo
+    from mechrl.studies.sft_vs_rl import format_summary, run_demo
 
     summary = run_demo(Path(args.out), preset=args.preset, force=args.force)
+    print(format_summary(summary))
     print(json.dumps({"summary": str(Path(args.out) / "summary.json")}))
     return 0 if summary else 1
 

@@ -53,13 +53,16 @@ def run_demo(out: Path, preset: str = "tiny", force: bool = False) -> dict:
                                             "grpo": _phase_summary(rl_run, rl_final)}}
     summary["wall_time_s"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", summary)
-    sft = summary["phases"]["sft"]
-    print(format_table({"splits": sft["splits"]},
-                       title=f"SFT ({sft['step']} steps, {sft['train_time_s']:.0f} s of training)"))
-    rl = summary["phases"]["grpo"]
-    print(format_table({"splits": rl["splits"]}, title=f"GRPO from SFT ({rl['step']} steps)"))
-    print(format_phases(summary))
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The per-split tables of each phase, then accuracy per split and phase."""
+    sft, rl = summary["phases"]["sft"], summary["phases"]["grpo"]
+    return "\n".join([
+        format_table({"splits": sft["splits"]}, title=f"SFT ({sft['step']} steps, {sft['train_time_s']:.0f} s of training)"),
+        format_table({"splits": rl["splits"]}, title=f"GRPO from SFT ({rl['step']} steps)"),
+        format_phases(summary)])
 
 
 def format_phases(summary: dict) -> str:
