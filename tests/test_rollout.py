@@ -72,7 +72,7 @@ def test_logprobs_match_full_forward(model, cards_tok, temperature, attn):
     roll = generate(model, cards_tok, prompts, max_new_tokens=10, temperature=temperature, generator=g,
                     attn_implementation=attn)
     ref = completion_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
-                              temperature=temperature)
+                              temperature=temperature, share_prompts=False)
     m = roll.completion_mask.bool()
     torch.testing.assert_close(roll.logprobs[m], ref[m], atol=1e-5, rtol=0)
 
@@ -82,7 +82,8 @@ def test_gqa_llama_logprobs_and_greedy(cards_tok, attn):
     model = _gqa_llama(cards_tok)
     g = torch.Generator().manual_seed(0)
     roll = generate(model, cards_tok, PROMPTS * 2, max_new_tokens=8, generator=g, attn_implementation=attn)
-    ref = completion_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    ref = completion_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+                              share_prompts=False)
     m = roll.completion_mask.bool()
     torch.testing.assert_close(roll.logprobs[m], ref[m], atol=1e-5, rtol=0)
     greedy = generate(model, cards_tok, PROMPTS, max_new_tokens=8, temperature=0.0, attn_implementation=attn)
@@ -222,3 +223,51 @@ def test_completion_logprobs_has_gradients(model, cards_tok):
     assert lp.shape == roll.completion_ids.shape and lp.requires_grad
     (lp * roll.completion_mask).sum().backward()
     assert model.get_input_embeddings().weight.grad is not None
+
+
+def _logprobs_and_grads(model, roll, share: bool, temperature: float = 1.0):
+    model.zero_grad(set_to_none=True)
+    lp = completion_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+                             temperature=temperature, share_prompts=share)
+    w = torch.linspace(-1.0, 1.0, lp.numel()).view_as(lp)  # a weighting that reaches every token differently
+    (lp * roll.completion_mask * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return lp.detach(), grads
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_pass_equals_full_pass(tiny_model, cards_tok, lora):
+    """Each distinct prompt once + copied cache rows gives the same log-probs and gradients as
+    B full passes over prompt + completion, including rows that ended early (masked tails)."""
+    model = tiny_model.train()
+    if lora:
+        from mechrl.config import LoraConfig
+        from mechrl.models.adapters import add_lora
+
+        model = add_lora(model, LoraConfig(rank=4, alpha=8.0))
+        with torch.no_grad():  # LoRA B starts at zero; make the adapters contribute
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    prompts = [p for p in PROMPTS for _ in range(4)]  # groups of 4, as in GRPO
+    roll = generate(model, cards_tok, prompts, max_new_tokens=9, generator=torch.Generator().manual_seed(0))
+    for i in range(1, len(prompts), 3):  # rows that ended early: mask 0 and pad after their end
+        end = 1 + i % 8
+        roll.completion_mask[i, end:] = 0
+        roll.completion_ids[i, end:] = cards_tok.pad_token_id
+    full, g_full = _logprobs_and_grads(model, roll, share=False, temperature=0.8)
+    shared, g_shared = _logprobs_and_grads(model, roll, share=True, temperature=0.8)
+    m = roll.completion_mask.bool()
+    torch.testing.assert_close(shared[m], full[m], atol=1e-5, rtol=0)
+    assert g_full.keys() == g_shared.keys() and len(g_full) > 0
+    for n in g_full:
+        torch.testing.assert_close(g_shared[n], g_full[n], atol=1e-5, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+
+
+def test_shared_prompt_pass_single_token_completions(model, cards_tok):
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    roll = generate(model, cards_tok, prompts, max_new_tokens=1, generator=torch.Generator().manual_seed(0))
+    assert roll.completion_ids.size(1) == 1
+    full, _ = _logprobs_and_grads(model, roll, share=False)
+    shared, _ = _logprobs_and_grads(model, roll, share=True)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.cache_utils import StaticLayer
 
 
@@ -309,16 +309,43 @@ def decode_completions(tok: PreTrainedTokenizerBase, ids: torch.Tensor, mask: to
 
 def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                         completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                        temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (B, T) of `completion_ids` given the prompts, with gradients. The logits
-    are computed for the completion positions only (not the prompt's)."""
-    ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P+T)
-    mask = torch.cat([prompt_mask, completion_mask], 1)
+                        temperature: float = 1.0, share_prompts: bool = True) -> torch.Tensor:
+    """Per-token log-probs (B, T) of `completion_ids` given the prompts, with gradients.
+
+    With `share_prompts` (the default) and rows that repeat a prompt (a GRPO group), each distinct
+    prompt goes through the model once and its KV cache rows are copied (with `index_select`, so
+    gradients from every completion of the group flow back into the one prompt pass); the
+    completions then run on that cache. The result and its gradients equal one full pass over
+    prompt + completion (a test holds both to 1e-5), at (U x P + B x T) positions instead of
+    B x (P + T) for U distinct prompts. Logits are computed for completion predictions only, and the
+    last completion token is never fed (nothing is predicted from it)."""
+    B, T = completion_ids.shape
+    mask = torch.cat([prompt_mask, completion_mask], 1)  # (B, P+T)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    T = completion_ids.size(1)
-    kw = {"logits_to_keep": T + 1} if _accepts(model, "logits_to_keep") else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kw).logits
-    logits = logits[:, -(T + 1):-1, :].float()  # predictions for completion tokens, (B, T, V)
+    P = prompt_ids.size(1)
+    uniq, inverse = (torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+                     if share_prompts else (None, None))
+    if uniq is None or uniq.size(0) == B or not _accepts(model, "past_key_values"):
+        ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P+T)
+        kw = {"logits_to_keep": T + 1} if _accepts(model, "logits_to_keep") else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kw).logits
+        logits = logits[:, -(T + 1):-1, :]  # predictions for completion tokens, (B, T, V)
+    else:
+        u_ids, u_mask = uniq[:, :P], uniq[:, P:]  # (U, P)
+        cache = DynamicCache(config=model.config)
+        kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=True, **kw)
+        first = out.logits[:, -1:, :][inverse]  # (B, 1, V): prediction of completion token 0
+        if T == 1:
+            logits = first
+        else:
+            cache = out.past_key_values
+            cache.reorder_cache(inverse)  # (U, ...) -> (B, ...), differentiable
+            rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                         position_ids=position_ids[:, P:-1], past_key_values=cache, use_cache=True).logits
+            logits = torch.cat([first, rest], 1)  # (B, T, V)
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     return torch.gather(F.log_softmax(logits, -1), 2, completion_ids[..., None]).squeeze(-1)
