@@ -5,6 +5,7 @@
     mechrl ppo  <recipe> [key=value ...] [--force]
     mechrl eval <checkpoint> --task cards [--n N] [--out FILE] [key=value ...]
     mechrl demo [--out DIR]
+    mechrl report <run> [<run> ...] [--out FILE]
 
 User errors (a typo in a recipe, a missing checkpoint) print one line and exit with status 2.
 """
@@ -72,6 +73,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from mechrl.runs.report import build_report
+
+    out = args.out or (Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else Path("report.html"))
+    print(build_report(args.runs, out))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mechrl.studies.sft_vs_rl import format_summary, run_demo
 
@@ -108,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the result as JSON here")
     e.add_argument("overrides", nargs="*", help="task overrides: task.n_ood=2000 ...")
     e.set_defaults(fn=cmd_eval)
+
+    rp = sub.add_parser("report", help="one self-contained HTML report of one or more run directories")
+    rp.add_argument("runs", nargs="+", help="run directories (several: compared side by side)")
+    rp.add_argument("--out", help="the HTML file (default: <run>/report.html for one run, ./report.html for several)")
+    rp.set_defaults(fn=cmd_report)
 
     d = sub.add_parser("demo", help="the sft-vs-rl study at its tiny preset, end to end")
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -12,6 +12,10 @@
 Nothing here is ever left half-written by a killed process: JSON files are written to a temporary
 file and renamed; JSONL records are appended as whole lines in one `write`, and a partial last line
 (only possible if the machine died mid-write) is cut off when the file is next opened.
+
+A run launched as several processes (`accelerate launch`, `torchrun`) has one writer: rank 0. On
+every other rank a `RunDir` is read-only (it may find checkpoints to resume from) and any write
+raises, so a code path that forgets to check the rank fails loudly instead of writing twice.
 """
 
 from __future__ import annotations
@@ -110,12 +114,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def launch_rank() -> int:
+    """The global rank a multi-process launcher (torchrun, accelerate launch) set; 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class RunDir:
-    """One run's directory. Create with `RunDir.start(cfg, name)`; reopen with `RunDir(path)`."""
+    """One run's directory. Create with `RunDir.start(cfg, name)`; reopen with `RunDir(path)`.
+    Read-only on the non-zero ranks of a multi-process launch (module docstring)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tracker: Tracker = NullTracker()  # metric sinks beside metrics.jsonl; see runs/tracking.py
+        self.readonly = launch_rank() != 0
+
+    def check_writable(self, what: str) -> None:
+        if self.readonly:
+            raise RuntimeError(f"{self.path}: {what} on rank {launch_rank()}; only rank 0 writes the run directory")
 
     # -- layout ---------------------------------------------------------------------------------
     config_path = property(lambda self: self.path / "config.yaml")
@@ -138,6 +153,8 @@ class RunDir:
         must mean one config); `force` deletes it and starts over."""
         path = Path(cfg.out_dir) / name
         run = cls(path)
+        if run.readonly:  # rank 0 creates or checks the directory; the loops wait for it at a barrier
+            return run
         text = config_to_yaml(cfg)
         if path.exists() and force:
             shutil.rmtree(path)
@@ -167,6 +184,7 @@ class RunDir:
         return json.loads(self.status_path.read_text()) if self.status_path.exists() else {"status": "new"}
 
     def set_status(self, status: str, **extra) -> None:
+        self.check_writable("set_status")
         atomic_write_json(self.status_path, {"status": status, "time": time.time(), **extra})
 
     @property
@@ -175,6 +193,7 @@ class RunDir:
 
     # -- records --------------------------------------------------------------------------------
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        self.check_writable("log_metrics")
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"{self.path.name}: non-finite metrics at step {step}: {bad}")
@@ -182,6 +201,7 @@ class RunDir:
         self.tracker.log(int(step), metrics)
 
     def log_samples(self, records: list[dict]) -> None:
+        self.check_writable("log_samples")
         append_jsonl(self.samples_path, records)
 
     def metrics(self) -> list[dict]:
@@ -189,6 +209,7 @@ class RunDir:
 
     def truncate_after(self, step: int) -> None:
         """Drop metric and sample records logged after `step` (a resumed run redoes those steps)."""
+        self.check_writable("truncate_after")
         for p in (self.metrics_path, self.samples_path):
             rows = read_jsonl(p)
             keep = [r for r in rows if r.get("step", 0) <= step]
@@ -197,6 +218,7 @@ class RunDir:
                 log.info("%s: dropped %d records after step %d (resuming)", p.name, len(rows) - len(keep), step)
 
     def write_eval(self, step: int, result: dict) -> Path:
+        self.check_writable("write_eval")
         path = self.eval_dir / f"step-{step}.json"
         atomic_write_json(path, result)
         return path
@@ -219,6 +241,7 @@ class RunDir:
     # -- logging --------------------------------------------------------------------------------
     def attach_log(self) -> logging.Handler:
         """Send the `mechrl` logger to train.log; returns the handler (remove it when done)."""
+        self.check_writable("attach_log")
         handler = logging.FileHandler(self.log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger = logging.getLogger("mechrl")

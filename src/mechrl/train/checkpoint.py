@@ -7,6 +7,8 @@
       resume/optimizer.pt, resume/scheduler.pt     optimizer and LR-scheduler state (tensors and
                                                    plain containers only: loaded with weights_only=True)
       resume/rng.safetensors                       torch CPU / CUDA / sampling-generator RNG states
+                                                   ("sampling" is rank 0's; "sampling_rank{r}" rank r's
+                                                   in a multi-process run)
       resume/<name>.safetensors                    extra trained modules of the loop (e.g. PPO's value head)
       resume/state.json                            step, Python RNG state, environment state, extras
 
@@ -39,8 +41,12 @@ def _py_random_state() -> list:
 
 def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, scheduler,
                     generator: torch.Generator | None, state: dict[str, Any],
-                    modules: dict[str, torch.nn.Module] | None = None) -> Path:
-    """Write `checkpoints/step-{step}` (see the module docstring) and return its path."""
+                    modules: dict[str, torch.nn.Module] | None = None,
+                    rank_generator_states: list[torch.Tensor] | None = None) -> Path:
+    """Write `checkpoints/step-{step}` (see the module docstring) and return its path.
+    `rank_generator_states`: the sampling-generator states of ranks 1.. of a multi-process run
+    (rank 0's is `generator`)."""
+    run.check_writable("save_checkpoint")
     final = run.checkpoint_path(step)
     tmp = final.parent / f"{PARTIAL_PREFIX}{final.name}"
     if tmp.exists():
@@ -62,6 +68,8 @@ def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, sch
             rng[f"torch_cuda_{i}"] = s
     if generator is not None:
         rng["sampling"] = generator.get_state()
+    for r, s in enumerate(rank_generator_states or [], start=1):
+        rng[f"sampling_rank{r}"] = s
     save_file(rng, res / "rng.safetensors")
     atomic_write_json(res / "state.json", {"step": step, "python_random": _py_random_state(), **state})
     if final.exists():  # a redone step after a resume: replace the old checkpoint of that step
@@ -71,10 +79,11 @@ def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, sch
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torch.Generator | None,
-                    modules: dict[str, torch.nn.Module] | None = None) -> dict:
+                    modules: dict[str, torch.nn.Module] | None = None, rank: int = 0) -> dict:
     """Restore optimizer, scheduler, RNG (and a LoRA adapter's weights) from `path`; returns the
     saved state dict (with `step`). Full-model weights are loaded by the caller with
-    `from_pretrained(path)` before the optimizer is built."""
+    `from_pretrained(path)` before the optimizer is built. `rank`: whose sampling-generator state
+    to restore in a multi-process run."""
     res = path / "resume"
     if not (res / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a resumable checkpoint (no resume/state.json)")
@@ -99,9 +108,10 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torc
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     if generator is not None:
-        if "sampling" not in rng:
-            raise RuntimeError(f"{path}: no sampling-generator state saved")
-        generator.set_state(rng["sampling"])
+        key = "sampling" if rank == 0 else f"sampling_rank{rank}"
+        if key not in rng:
+            raise RuntimeError(f"{path}: no sampling-generator state {key!r} saved (saved: {sorted(rng)})")
+        generator.set_state(rng[key])
     state = json.loads((res / "state.json").read_text())
     v, st, gauss = state["python_random"]
     random.setstate((v, tuple(st), gauss))
@@ -110,6 +120,7 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torc
 
 def clear_partial(run: RunDir) -> None:
     """Remove half-written checkpoints left by a killed save."""
+    run.check_writable("clear_partial")
     if run.checkpoints_dir.exists():
         for p in run.checkpoints_dir.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(p)

@@ -38,7 +38,7 @@ from mechrl.envs import StepResult
 from mechrl.runs.rundir import RunDir
 from mechrl.train.losses import group_advantages, grpo_loss
 from mechrl.train.rlcommon import RLState, Timer, check_finite, micro_batches, run_rl, scalars
-from mechrl.train.rollout import completion_logprobs, generate
+from mechrl.train.rollout import completion_logprobs, encode_prompts, generate
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def rollout(st: RLState, timer: Timer) -> GRPOBatch:
     group_items = [it for it in items for _ in range(G)]  # the G completions of a prompt are contiguous
     prompts = [it.prompt for it in group_items]
     with timer("generate"):
-        roll = generate(st.policy, st.tokenizer, prompts, max_new_tokens=t.max_new_tokens,
+        ids, mask = encode_prompts(st.tokenizer, [it.prompt for it in items], st.device)  # each prompt once
+        roll = generate(st.policy, st.tokenizer, prompt_ids=ids.repeat_interleave(G, 0),
+                        prompt_mask=mask.repeat_interleave(G, 0), max_new_tokens=t.max_new_tokens,
                         temperature=t.temperature, top_k=t.top_k, top_p=t.top_p, generator=st.generator)
     with timer("reward"):
         result = st.env.step(group_items, roll.texts)
