@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mechrl-installed
 
-.PHONY: setup demo test test-slow test-all clean
+.PHONY: setup demo test test-slow test-all clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,19 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mechrl demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# The report's browser test needs Debian's Chromium; install it when missing (as root, or with sudo).
+# Never fails `make test`: without apt the browser test skips and says why.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "chromium: no apt-get here; the browser test will skip"; \
+	else SUDO=""; [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"; }; \
+	  { $$SUDO apt-get install -y --no-install-recommends chromium \
+	    || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; } \
+	  || echo "chromium: apt-get install failed; the browser test will skip"; fi
 
 # Long checks (minutes each), skipped by default.
 test-slow: $(STAMP)

@@ -17,8 +17,8 @@ def test_recipe_loads_and_overrides_apply():
 def test_run_name_carries_every_changed_value_and_seed():
     _, name = load_config("cards-sft", [])
     assert name == "cards-sft_s0"
-    _, name = load_config("cards-sft", ["task.answer_format=direct", "train.batch_size=64", "model.tiny.n_layer=3"])
-    assert name == "cards-sft_L3_direct_bs64_s0"  # keys in sorted order
+    _, name = load_config("cards-sft", ["task.answer_format=direct", "train.batch_size=64", "model.tiny.n_layer=4"])
+    assert name == "cards-sft_L4_direct_bs64_s0"  # keys in sorted order
     _, name = load_config("cards-sft", ["preset=smoke", "train.warmup_steps=5"])
     assert name == "cards-sft-smoke_warmup_steps_5_s0"
     # a value equal to the recipe's is not a difference

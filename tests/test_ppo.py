@@ -27,9 +27,11 @@ def _cfg(tmp_path, *extra):
 def test_ppo_learns_a_toy_reward(tmp_path):
     cfg, name = _cfg(tmp_path, "train.max_steps=60")
     run = RunDir.start(cfg, name)
-    t0 = time.perf_counter()
+    # CPU seconds of this process, not wall time, so that other load on the machine does not fail the
+    # test: 120 CPU-seconds is one minute of both cores of a 2-core machine.
+    t0 = time.process_time()
     final = run_ppo(cfg, run)
-    assert time.perf_counter() - t0 < 60
+    assert time.process_time() - t0 < 120
     rewards = [m["reward/mean"] for m in run.metrics() if "reward/mean" in m]
     assert len(rewards) == 60
     assert sum(rewards[:5]) / 5 < 0.5, rewards[:5]

@@ -42,7 +42,7 @@ def _short_cfg(tmp_path, *extra):
     return load_config("cards-sft", [
         f"out_dir={tmp_path}", "task.id_families=[count_above]", "task.train_family_weights=null", "task.composition_families=[sum_above]",
         "task.answer_format=direct", "task.n_train=3000", "task.n_test=100", "task.n_ood=50", "task.n_val=50",
-        "model.tiny.d_model=64", "train.max_steps=150", "train.warmup_steps=10", "train.lr=3e-3",
+        "model.tiny.n_layer=2", "model.tiny.d_model=64", "train.max_steps=150", "train.warmup_steps=10", "train.lr=3e-3",
         "train.eval_every=75", "train.log_every=10", "eval.n_per_split=100", "eval.n_final=100", *extra])
 
 
@@ -66,6 +66,7 @@ def test_short_sft_lowers_loss_and_raises_accuracy(tmp_path):
     samples = [json.loads(line) for line in run.samples_path.read_text().splitlines()]
     assert {"step", "split", "prompt", "completion", "answer", "correct"} <= set(samples[0])
     assert run.finished
+    assert "<img src=\"data:image/png;base64," in (run.path / "report.html").read_text()  # written at the end
 
 
 def test_sft_resumes_from_last_checkpoint(tmp_path):

@@ -4,8 +4,11 @@
     mechrl grpo <recipe> [key=value ...] [--force]
     mechrl ppo  <recipe> [key=value ...] [--force]
     mechrl eval <checkpoint> --task cards [--n N] [--out FILE] [key=value ...]
+    mechrl eval-routing <checkpoint> [--n N] [--out FILE]
     mechrl demo [--out DIR]
+    mechrl sweep <recipe> --grid key=v1,v2 ... [--fixed key=value ...] [--backend local|ray] [--dry-run]
     mechrl report <run> [<run> ...] [--out FILE]
+    mechrl analyze <run-or-study> [--what probes,patching,ablation,sae] [--out DIR] [--preset tiny|smoke|full]
 
 User errors (a typo in a recipe, a missing checkpoint) print one line and exit with status 2.
 """
@@ -73,11 +76,51 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_routing(args) -> int:
+    from mechrl.runs.rundir import atomic_write_json
+    from mechrl.train.routing import evaluate_routing_checkpoint, summary_line
+
+    result = evaluate_routing_checkpoint(args.checkpoint, n=args.n)
+    print(summary_line(result))
+    if args.out:
+        atomic_write_json(args.out, result)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args) -> int:
     from mechrl.runs.report import build_report
 
     out = args.out or (Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else Path("report.html"))
     print(build_report(args.runs, out))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from mechrl.runs.sweep import check_options, format_plan, format_table, plan_sweep, run_sweep
+
+    opts = dict(address=args.address, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+                gpus_per_trial=args.gpus_per_trial)
+    check_options(args.backend, **opts)
+    plan = plan_sweep(args.recipe, args.grid, args.fixed or [], out=args.out)
+    print(format_plan(plan), flush=True)
+    if args.dry_run:
+        return 0
+    record, rows = run_sweep(plan, backend=args.backend, **opts)
+    print(format_table(rows))
+    counts = record.counts()
+    print(f"sweep {plan.dir}: {counts['finished']} finished, {counts['failed']} failed "
+          f"(details in sweep.json, logs in {plan.logs_dir})")
+    return 0 if counts["finished"] == len(plan.trials) else 1
+
+
+def cmd_analyze(args) -> int:
+    from mechrl.studies.sft_vs_rl_analysis import analyze_dir, format_headline
+
+    result = analyze_dir(args.target, args.what.split(","), out=args.out, preset=args.preset,
+                         checkpoint=args.checkpoint)
+    print(format_headline(result["headline"]))
+    print(json.dumps({"report": result["report"], "analysis": str(Path(result["report"]).parent)}))
     return 0
 
 
@@ -118,16 +161,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="task overrides: task.n_ood=2000 ...")
     e.set_defaults(fn=cmd_eval)
 
+    er = sub.add_parser("eval-routing", help="routing evaluation of a routed GRPO checkpoint: both adapters, "
+                        "retain only, forget only")
+    er.add_argument("checkpoint", help="a routed run's checkpoint, e.g. runs/<run>/checkpoints/step-N")
+    er.add_argument("--n", type=int, help="completions per adapter mode (default: the run's routing.eval_n)")
+    er.add_argument("--out", help="write the result (with samples) as JSON here")
+    er.set_defaults(fn=cmd_eval_routing)
+
     rp = sub.add_parser("report", help="one self-contained HTML report of one or more run directories")
     rp.add_argument("runs", nargs="+", help="run directories (several: compared side by side)")
     rp.add_argument("--out", help="the HTML file (default: <run>/report.html for one run, ./report.html for several)")
     rp.set_defaults(fn=cmd_report)
+
+    a = sub.add_parser("analyze", help="probes, patching, ablation and SAEs on a run's or a study's final checkpoints")
+    a.add_argument("target", help="a run directory, or a study directory holding sft/ and grpo/ runs")
+    a.add_argument("--what", default="probes,patching,ablation,sae", help="comma-separated analyses "
+                   "(default: probes,patching,ablation,sae)")
+    a.add_argument("--out", help="where analysis/ goes (default: the target directory)")
+    a.add_argument("--preset", default="tiny", help="analysis size: smoke, tiny or full (default: tiny)")
+    a.add_argument("--checkpoint", help="a run's checkpoint to analyze, e.g. step-500 (default: the final one)")
+    a.set_defaults(fn=cmd_analyze)
 
     d = sub.add_parser("demo", help="the sft-vs-rl study at its tiny preset, end to end")
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     d.add_argument("--preset", default="tiny")
     d.add_argument("--force", action="store_true", help="start over instead of resuming")
     d.set_defaults(fn=cmd_demo)
+
+    w = sub.add_parser("sweep", help="run a recipe over a grid of overrides (locally or on Ray)")
+    w.add_argument("recipe", help="a recipe file or a built-in recipe name (e.g. cards-sft)")
+    w.add_argument("--grid", nargs="+", action="extend", required=True, metavar="KEY=V1,V2",
+                   help="grid keys and their comma-separated values; every combination is a run")
+    w.add_argument("--fixed", nargs="+", action="extend", metavar="KEY=VALUE", help="overrides for every run")
+    w.add_argument("--backend", default="local", help="local (subprocesses) or ray (default: local)")
+    w.add_argument("--address", help="a running Ray cluster (default: start a local one)")
+    w.add_argument("--max-concurrent", type=int, help="trials at once (local default: 1 per GPU, 1 on CPU)")
+    w.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (ray default: 1)")
+    w.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (default: 1 where there are GPUs)")
+    w.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    w.add_argument("--out", default="runs", help="where the sweep folder goes (default: runs)")
+    w.set_defaults(fn=cmd_sweep)
     return p
 
 

@@ -28,10 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mechrl.errors import UserError
 
 __all__ = [
-    "ConfigError", "CardsTaskConfig", "ModelConfig", "TinyModelConfig", "SFTConfig", "EvalConfig",
+    "ConfigError", "CardsTaskConfig", "StoriesTaskConfig", "ModelConfig", "TinyModelConfig", "SFTConfig", "EvalConfig",
     "TrackingConfig", "SFTRunConfig", "load_config", "parse_overrides", "run_name", "resolve_recipe",
     "RECIPES_DIR", "config_to_yaml", "RewardSpec", "EnvConfig", "LoraConfig", "GRPOConfig", "PPOConfig",
-    "RLRunConfig", "GRPORunConfig", "PPORunConfig", "RUN_KINDS",
+    "RLRunConfig", "GRPORunConfig", "PPORunConfig", "RUN_KINDS", "RoutingConfig",
 ]
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -133,7 +133,34 @@ class CardsTaskConfig(Strict):
         return self
 
 
-TaskConfig = Annotated[Union[CardsTaskConfig], Field(discriminator="name")]
+class StoriesTaskConfig(Strict):
+    """Short stories (see `mechrl.tasks.stories`): prompts are story openings, completions continue
+    them. Generated from a small grammar by default; `data_path` reads a local copy of a story
+    dataset instead (e.g. SimpleStories, column `story`)."""
+
+    name: Literal["stories"] = "stories"
+    n_train: int = Field(20_000, ge=1)
+    n_val: int = Field(200, ge=1)
+    n_test: int = Field(200, ge=1)
+    data_seed: int = 1234
+    prompt_words: int | None = None
+    """None: the prompt is the story's opening up to its hero ("once upon a time , a little fox");
+    k: the first k words. Required with `data_path` (real stories have no marked opening)."""
+    max_new_tokens: int = Field(96, ge=1)
+    data_path: str | None = None
+    """A local folder `datasets.load_from_disk` or `datasets.load_dataset` reads, with a `story`
+    column and `train`/`test` splits (val is carved from train). None: the generated grammar."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "StoriesTaskConfig":
+        if self.data_path is not None and self.prompt_words is None:
+            raise ValueError("stories: data_path needs prompt_words (how many opening words form the prompt)")
+        if self.prompt_words is not None and self.prompt_words < 1:
+            raise ValueError(f"stories: prompt_words must be >= 1, got {self.prompt_words}")
+        return self
+
+
+TaskConfig = Annotated[Union[CardsTaskConfig, StoriesTaskConfig], Field(discriminator="name")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +194,15 @@ class ModelConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
     """Off by default: remote code runs only when the user turns this on."""
+    builtin: Literal["stories"] | None = None
+    """A model mechrl builds itself (no download): `stories` is the pretrained tiny story Llama
+    (`mechrl.tasks.stories.story_base_model`, built once and cached). Excludes `path`."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if self.builtin is not None and self.path is not None:
+            raise ValueError(f"model: set path or builtin, not both (path={self.path!r}, builtin={self.builtin!r})")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,9 +397,61 @@ class RLRunConfig(RunConfig):
         return self
 
 
+class RoutingConfig(Strict):
+    """Gradient routing in GRPO (see `mechrl.train.routing`): the policy gets a retain and a forget
+    LoRA adapter; samples the detector flags update only the forget adapter ("classic"), and in
+    "exclusive" mode unflagged samples update only the retain adapter."""
+
+    enabled: bool = False
+    mode: Literal["classic", "exclusive"] = "classic"
+    retain_rank: int = Field(4, ge=1)
+    retain_alpha: float = Field(8.0, gt=0)
+    forget_rank: int = Field(4, ge=1)
+    forget_alpha: float = Field(8.0, gt=0)
+    target_modules: list[str] | None = None
+    """None: the architecture's attention projections (as for LoRA)."""
+    detector: dict[str, Any] | None = None
+    """A `mechrl.rewards.detectors.DetectorSpec`: {name, params, coverage, label_noise, seed}."""
+    eval_every: int = Field(50, ge=1)
+    """Routing evaluation (both / retain-only / forget-only) every this many steps and at the end."""
+    eval_rewards: list[RewardSpec] = []
+    """Reward components reported separately by the routing evaluation (names or {name, params});
+    empty: the run's reward components."""
+    eval_n: int = Field(32, ge=2)
+    """Completions sampled per adapter mode in the routing evaluation."""
+    eval_seed: int = 0
+    """Seed of the evaluation's own sampling generator (it never touches the training streams)."""
+
+    @field_validator("eval_rewards", mode="before")
+    @classmethod
+    def _names(cls, v):
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("detector")
+    @classmethod
+    def _detector(cls, v):
+        if v is not None:
+            from mechrl.rewards.detectors import DetectorSpec, build_detector  # local: detectors imports config
+
+            build_detector(DetectorSpec.model_validate(v))  # checks the name and parameters now
+        return v
+
+
 class GRPORunConfig(RLRunConfig):
     kind: Literal["grpo"] = "grpo"
     train: GRPOConfig = GRPOConfig()
+    routing: RoutingConfig = RoutingConfig()
+
+    @model_validator(mode="after")
+    def _check_routing(self) -> "GRPORunConfig":
+        r = self.routing
+        if r.enabled and r.detector is None:
+            raise ValueError("routing.enabled needs routing.detector (e.g. {name: contains_happy}): "
+                             "routing sends the samples it flags to the forget adapter")
+        if r.enabled and self.train.lora is not None:
+            raise ValueError("routing trains its own dual LoRA (routing.retain_rank / forget_rank); "
+                             "remove train.lora (PEFT LoRA and full fine-tuning cannot be routed)")
+        return self
 
 
 class PPORunConfig(RLRunConfig):

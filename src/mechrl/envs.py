@@ -93,7 +93,17 @@ def _cards_sampler(task) -> ExampleSampler:
     return ExampleSampler("train", tuple(s for s in specs if s not in ID_SPLITS), draw)
 
 
-_SAMPLERS: dict[str, Callable[[Task], ExampleSampler]] = {"cards": _cards_sampler}
+def _stories_sampler(task) -> ExampleSampler:
+    """Generated stories: a fresh story per prompt. Local data (`data_path`): a train-split story."""
+    from mechrl.tasks.stories.dataset import make_example
+
+    if task.cfg.data_path is not None:
+        train = task.datasets["train"]
+        return ExampleSampler("train", (), lambda rng, split: dict(train[rng.randrange(len(train))]))
+    return ExampleSampler("train", (), lambda rng, split: make_example(rng, task.cfg.prompt_words))
+
+
+_SAMPLERS: dict[str, Callable[[Task], ExampleSampler]] = {"cards": _cards_sampler, "stories": _stories_sampler}
 
 
 def example_sampler(task: Task) -> ExampleSampler:

@@ -68,7 +68,7 @@ def evaluate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, *
                 groups[g]["correct"].append(j.correct)
                 groups[g]["format_error"].append(j.format_error)
                 result["samples"].append({"split": split, "prompt": ex["prompt"], "completion": comp,
-                                          "answer": j.answer, "gold": ex["answer"], "correct": j.correct,
+                                          "answer": j.answer, "gold": ex.get("answer"), "correct": j.correct,
                                           "format_error": j.format_error, "group": g})
             result["splits"][split] = {
                 "accuracy": _rate(correct), "format_error_rate": _rate(fmt), "n": len(examples),

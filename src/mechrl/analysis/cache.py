@@ -100,7 +100,7 @@ def select_positions(x: torch.Tensor, attention_mask: torch.Tensor, positions: S
 def extract_activations(model: nn.Module, tokenizer, texts: Sequence[str], names: Sequence[str], *,
                         positions: Sequence[int] | None = (-1,), batch_size: int = 32,
                         out_dir: str | Path | None = None, shard_rows: int = 4096,
-                        dtype: torch.dtype = torch.float32, progress: bool = True,
+                        dtype: torch.dtype = torch.float32, progress: bool = True, add_special_tokens: bool = False,
                         ) -> dict[str, torch.Tensor] | ActivationStore:
     """Activations of `names` over a dataset of texts, streamed in batches.
 
@@ -111,19 +111,24 @@ def extract_activations(model: nn.Module, tokenizer, texts: Sequence[str], names
 
     With `out_dir` the rows go to disk in safetensors shards of `shard_rows` rows (for datasets
     larger than memory) and an `ActivationStore` over them is returned; otherwise a dict of tensors.
+    Texts are tokenized as mechrl's rollouts tokenize prompts (`add_special_tokens=False`), so the
+    model sees the token sequence it was trained and sampled on.
     """
     if not texts:
         raise ValueError("extract_activations: no texts")
-    if out_dir is not None and any(n.startswith("_") for n in names):
-        raise ValueError("site names must not start with '_' (reserved for index tensors)")
-    writer = ActivationWriter(out_dir, shard_rows=shard_rows, meta={"positions": None if positions is None else list(positions),
-                                                                     "sites": list(names), "n_texts": len(texts)}) if out_dir is not None else None
+    if any(n.startswith("_") for n in names):
+        raise ValueError(f"site names must not start with '_' (reserved for index tensors): {list(names)}")
+    writer = None
+    if out_dir is not None:
+        meta = {"positions": None if positions is None else list(positions), "sites": list(names), "n_texts": len(texts)}
+        writer = ActivationWriter(out_dir, shard_rows=shard_rows, meta=meta)
     chunks: dict[str, list[torch.Tensor]] = {}
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc="activations", disable=not progress):
-            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True)
+            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                              add_special_tokens=add_special_tokens)
             _, cache = run_with_cache(model, batch, names)
             mask = batch["attention_mask"]
             if positions is not None:

@@ -9,6 +9,7 @@ written last, so a directory without one is an unfinished write and refuses to l
 
     writer = ActivationWriter("acts", shard_rows=4096); writer.add({"resid_post.0": x}); store = writer.close()
     for shard in ActivationStore("acts"): ...      # dicts of (n, ...) tensors, one shard in memory at a time
+    for x in ActivationStore("acts").iter_batches("resid_post.0", 256): ...   # (256, ...) batches
 """
 
 from __future__ import annotations
@@ -110,6 +111,21 @@ class ActivationStore:
             if set(data) != set(self.names):
                 raise ValueError(f"{shard['file']} holds {sorted(data)}, index lists {sorted(self.names)}")
             yield data
+
+    def iter_batches(self, name: str, batch_size: int) -> Iterator[torch.Tensor]:
+        """(batch_size, ...) slices of tensor `name` in row order, across shard boundaries; the last
+        batch may be smaller. One shard (plus a partial batch) in memory at a time."""
+        if name not in self.index["tensors"]:
+            raise KeyError(f"{self.path} has no tensor {name!r}; it has {self.names}")
+        assert batch_size > 0, f"batch_size must be positive, got {batch_size}"
+        carry = None
+        for shard in self:
+            x = shard[name] if carry is None else torch.cat([carry, shard[name]])
+            n_full = len(x) // batch_size * batch_size
+            yield from x[:n_full].split(batch_size)
+            carry = x[n_full:]
+        if carry is not None and len(carry):
+            yield carry
 
     def load(self, name: str) -> torch.Tensor:
         """The whole (N, ...) tensor `name`."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import numbers
 import typing
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from mechrl.config import ConfigError, RewardSpec, _suggest
 
-__all__ = ["RewardFn", "RewardOutput", "Reward", "register_reward", "get_reward", "list_rewards", "build_reward"]
+__all__ = ["RewardFn", "RewardOutput", "Reward", "register_reward", "register_reward_pattern", "get_reward",
+           "list_rewards", "build_reward"]
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -61,12 +63,43 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return deco
 
 
+#: Reward families named by a pattern (e.g. `sentence_length_(\d+)`): (compiled pattern, an example
+#: name, factory(match) -> reward function). Exact names take precedence over patterns.
+_PATTERNS: list[tuple[re.Pattern, str, Callable[[re.Match], RewardFn]]] = []
+
+
+def register_reward_pattern(pattern: str, example: str) -> Callable[[Callable[[re.Match], RewardFn]], Callable]:
+    """Decorator that registers a factory serving every name that fully matches `pattern`; the factory
+    gets the match and returns the reward function (so parameters can live in the name, as in
+    `sentence_length_10_smooth`). `example` is a name the pattern matches, shown in error messages."""
+    compiled = re.compile(pattern)
+    if not compiled.fullmatch(example):
+        raise ValueError(f"reward pattern {pattern!r}: its example {example!r} does not match it")
+
+    def deco(factory: Callable[[re.Match], RewardFn]) -> Callable[[re.Match], RewardFn]:
+        if any(p.pattern == pattern for p, _, _ in _PATTERNS):
+            raise ValueError(f"reward pattern {pattern!r} is already registered")
+        _PATTERNS.append((compiled, example, factory))
+        return factory
+
+    return deco
+
+
 def get_reward(name: str) -> RewardFn:
-    """The function registered as `name`; an unknown name is a `ConfigError` naming close matches."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown reward {name!r}{_suggest(name, _REGISTRY)}; "
-                          f"registered rewards: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    """The function registered as `name` (or built by the pattern it matches); an unknown name is a
+    `ConfigError` naming close matches."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    matches = [(p, f) for p, _, f in _PATTERNS if p.fullmatch(name)]
+    if len(matches) > 1:
+        raise ConfigError(f"reward {name!r} matches several reward patterns: {[p.pattern for p, _ in matches]}")
+    if matches:
+        pattern, factory = matches[0]
+        return factory(pattern.fullmatch(name))
+    examples = [e for _, e, _ in _PATTERNS]
+    families = f"; reward families (numbers vary): {', '.join(examples)}" if examples else ""
+    raise ConfigError(f"unknown reward {name!r}{_suggest(name, list(_REGISTRY) + examples)}; "
+                      f"registered rewards: {', '.join(sorted(_REGISTRY))}{families}")
 
 
 def list_rewards() -> list[str]:
@@ -79,7 +112,7 @@ class RewardOutput:
     components: dict[str, torch.Tensor]  # name -> (B,) float32, each component's raw (unweighted) value
 
 
-def _check_params(name: str, fn: RewardFn, params: dict[str, Any]) -> dict[str, Any]:
+def _check_params(name: str, fn: RewardFn, params: dict[str, Any], kind: str = "reward") -> dict[str, Any]:
     """`params` validated against `fn`'s signature: names (unknown / missing) and annotated types.
     Returns the params as pydantic parsed them (e.g. a YAML int for a float parameter)."""
     sig = inspect.signature(fn)
@@ -95,7 +128,7 @@ def _check_params(name: str, fn: RewardFn, params: dict[str, Any]) -> dict[str, 
         if p.default is p.empty and p.name not in params:
             problems.append(f"missing parameter {p.name!r}")
     if problems:
-        raise ConfigError(f"reward {name!r}: " + "; ".join(problems))
+        raise ConfigError(f"{kind} {name!r}: " + "; ".join(problems))
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # annotations that do not resolve here (TYPE_CHECKING imports): names are still checked
@@ -107,7 +140,7 @@ def _check_params(name: str, fn: RewardFn, params: dict[str, Any]) -> dict[str, 
                 out[key] = TypeAdapter(hints[key]).validate_python(value)
             except ValidationError as e:
                 msg = e.errors()[0]["msg"]
-                raise ConfigError(f"reward {name!r}: parameter {key!r}: {msg} (got {value!r})") from None
+                raise ConfigError(f"{kind} {name!r}: parameter {key!r}: {msg} (got {value!r})") from None
     return out
 
 

@@ -8,6 +8,7 @@
       checkpoints/step-N/    safetensors weights + tokenizer + config (+ resume state)
       eval/step-N.json       evaluation of every split at checkpoint N
       status.json            {"status": "running" | "finished", ...}
+      report.html            the run's HTML report, written when it finishes (mechrl/runs/report/)
 
 Nothing here is ever left half-written by a killed process: JSON files are written to a temporary
 file and renamed; JSONL records are appended as whole lines in one `write`, and a partial last line
@@ -115,8 +116,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def launch_rank() -> int:
-    """The global rank a multi-process launcher (torchrun, accelerate launch) set; 0 otherwise."""
-    return int(os.environ.get("RANK", "0"))
+    """The global rank a multi-process launcher (torchrun, accelerate launch) set; 0 when this
+    process is not one of several."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 class RunDir:

@@ -2,11 +2,14 @@
 checkpoint; every ID and OOD split is evaluated at every checkpoint of both phases, and accuracy
 and format errors are summarised per split and rule family for each phase.
 
-`mechrl demo` runs it at its tiny preset and writes `<out>/summary.json`:
+`mechrl demo` runs it at its tiny preset and writes `<out>/report.html` (both runs compared, with
+the per-phase table below) and `<out>/summary.json`:
 
     {"phases": {"sft":  {"run": ..., "checkpoint": ..., "step": ..., "train_time_s": ...,
                          "splits": {"test": {"accuracy", "format_error_rate", "n", "groups": {...}}, ...}},
                 "grpo": {... the same for the RL phase}},
+     "analysis": {"preset", "dir", "what", "wall_time_s", "sft": {headline numbers}, "grpo": {...},
+                  "jaccard_top10": {"sft|grpo": {split: Jaccard of the top-10 ablated components}}},
      "wall_time_s": ...}
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from mechrl.config import load_config
 from mechrl.evaluate import format_table
+from mechrl.runs.report import Section, Table, build_report
 from mechrl.runs.rundir import RunDir, atomic_write_json
 from mechrl.train.grpo import run_grpo
 from mechrl.train.sft import run_sft
@@ -33,9 +37,11 @@ def _phase_summary(run: RunDir, checkpoint: Path) -> dict:
             "train_time_s": run.status().get("train_time_s"), "splits": result["splits"]}
 
 
-def run_demo(out: Path, preset: str = "tiny", force: bool = False) -> dict:
+def run_demo(out: Path, preset: str = "tiny", force: bool = False, analysis: bool = True) -> dict:
     """SFT then GRPO at the given preset into `out/sft` and `out/grpo`; print and save the
-    per-split table of each phase. Re-running resumes whatever is unfinished."""
+    per-split table of each phase. Re-running resumes whatever is unfinished. With `analysis`, both
+    final checkpoints are then analysed (`sft_vs_rl_analysis`, its smoke preset for the smoke demo,
+    else its tiny one) into `out/analysis`, and the headline numbers go into summary.json."""
     t0 = time.perf_counter()
     out = Path(out)
     sft_cfg, _ = load_config("cards-sft", [f"preset={preset}", f"out_dir={out}"], kind="sft")
@@ -51,18 +57,58 @@ def run_demo(out: Path, preset: str = "tiny", force: bool = False) -> dict:
 
     summary = {"preset": preset, "phases": {"sft": _phase_summary(sft_run, sft_final),
                                             "grpo": _phase_summary(rl_run, rl_final)}}
+    sections = [phases_section(summary)]
+    if analysis:
+        from mechrl.studies.sft_vs_rl_analysis import analyze
+        from mechrl.tasks import build_task
+
+        a_preset = "smoke" if preset == "smoke" else "tiny"
+        t1 = time.perf_counter()
+        res = analyze({"sft": sft_final, "grpo": rl_final}, build_task(sft_cfg.task), out=out, preset=a_preset)
+        summary["analysis"] = {"preset": a_preset, "dir": str(out / "analysis"), "what": res["what"],
+                               "wall_time_s": time.perf_counter() - t1, **res["headline"]}
+        sections += res["sections"]
     summary["wall_time_s"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", summary)
+    build_report([sft_run.path, rl_run.path], out / "report.html", extra_sections=sections,
+                 title=f"sft-vs-rl study ({preset} preset): SFT, then GRPO from its final checkpoint")
     return summary
+
+
+def phases_section(summary: dict) -> Section:
+    """The study's own report section: accuracy and format-error rate per split and rule family
+    (rows) at each phase's final checkpoint (columns)."""
+    phases = summary["phases"]
+    columns = ["split", "rule family"]
+    for p, ph in phases.items():
+        columns += [f"{p} accuracy @{ph['step']}", f"{p} format err"]
+    first = next(iter(phases.values()))
+    rows = []
+    for split, r in first["splits"].items():
+        for group in [None, *r["groups"]]:
+            row = [split, "all" if group is None else group]
+            for ph in phases.values():
+                x = ph["splits"][split] if group is None else ph["splits"][split]["groups"][group]
+                row += [x["accuracy"], x["format_error_rate"]]
+            rows.append(row)
+    runs = ", ".join(f"{p}: {ph['run']}" for p, ph in phases.items())
+    return Section("Accuracy per phase", text=f"Final evaluation of each phase ({runs}).",
+                   tables=[Table(columns, rows, kind="phases", caption="accuracy per split, rule family and phase")])
 
 
 def format_summary(summary: dict) -> str:
     """The per-split tables of each phase, then accuracy per split and phase."""
     sft, rl = summary["phases"]["sft"], summary["phases"]["grpo"]
-    return "\n".join([
-        format_table({"splits": sft["splits"]}, title=f"SFT ({sft['step']} steps, {sft['train_time_s']:.0f} s of training)"),
-        format_table({"splits": rl["splits"]}, title=f"GRPO from SFT ({rl['step']} steps)"),
-        format_phases(summary)])
+    parts = [format_table({"splits": sft["splits"]}, title=f"SFT ({sft['step']} steps, {sft['train_time_s']:.0f} s of training)"),
+             format_table({"splits": rl["splits"]}, title=f"GRPO from SFT ({rl['step']} steps)"),
+             format_phases(summary)]
+    if "analysis" in summary:
+        from mechrl.studies.sft_vs_rl_analysis import format_headline
+
+        a = summary["analysis"]
+        parts.append(f"== analysis ({a['preset']} preset, {a['wall_time_s']:.0f} s; {a['dir']}) ==\n"
+                     + format_headline({k: a[k] for k in ("sft", "grpo", "jaccard_top10") if k in a}))
+    return "\n".join(parts)
 
 
 def format_phases(summary: dict) -> str:

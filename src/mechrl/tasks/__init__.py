@@ -13,4 +13,8 @@ def build_task(cfg) -> Task:
         from mechrl.tasks.cards.task import CardsTask
 
         return CardsTask(cfg)
+    if cfg.name == "stories":
+        from mechrl.tasks.stories.task import StoriesTask
+
+        return StoriesTask(cfg)
     raise ValueError(f"unknown task {cfg.name!r}")

@@ -4,6 +4,8 @@
       model.safetensors, config.json, tokenizer*   the policy as a plain HF model (LoRA merged in),
                                                    loadable by `mechrl eval` or `from_pretrained`
       adapter/                                     the LoRA adapter (PEFT format), when training one
+      dual_lora.safetensors                        the retain and forget adapters of a routed run
+                                                   (model.safetensors then has both merged in)
       resume/optimizer.pt, resume/scheduler.pt     optimizer and LR-scheduler state (tensors and
                                                    plain containers only: loaded with weights_only=True)
       resume/rng.safetensors                       torch CPU / CUDA / sampling-generator RNG states
@@ -29,9 +31,12 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from mechrl.models.adapters import merged_model
+from mechrl.models.dual_lora import dual_lora_modules, merged_dual_lora, save_dual_lora
 from mechrl.runs.rundir import RunDir, atomic_write_json
 
 PARTIAL_PREFIX = ".partial-"
+#: The dual LoRA adapters of a gradient-routing run (`models/dual_lora.py` format; ranks detected on load).
+DUAL_LORA_FILE = "dual_lora.safetensors"
 
 
 def _py_random_state() -> list:
@@ -52,10 +57,13 @@ def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, sch
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    merged_model(policy).save_pretrained(tmp, safe_serialization=True)
+    dual = bool(dual_lora_modules(policy))
+    (merged_dual_lora(policy) if dual else merged_model(policy)).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if isinstance(policy, PeftModel):
         policy.save_pretrained(tmp / "adapter", safe_serialization=True)
+    if dual:
+        save_dual_lora(policy, tmp / DUAL_LORA_FILE)
     res = tmp / "resume"
     res.mkdir()
     for name, module in (modules or {}).items():

@@ -11,7 +11,10 @@ Each step:
      gradients accumulate over micro-batches, normalised so that the result does not depend on
      the micro-batch size.
 
-The loss matches TRL's GRPOTrainer on the same batch (tests hold it to 1e-5). What is left out:
+The loss matches TRL's GRPOTrainer on the same batch (tests hold it to 1e-5). Under `accelerate
+launch` each of N processes takes prompts_per_step / N whole groups, and the gradients are averaged
+over processes with normalisers chosen so that the update equals one process's on the global batch
+(`distributed.py`; tests/test_distributed.py holds it to that). What is left out:
 vLLM, sequence-level importance sampling, and the many loss variants TRL carries.
 
 Old log-probs: with one iteration the ratio is exactly 1 (old = current, detached), as in TRL;
@@ -37,7 +40,7 @@ from mechrl.config import GRPORunConfig
 from mechrl.envs import StepResult
 from mechrl.runs.rundir import RunDir
 from mechrl.train.losses import group_advantages, grpo_loss
-from mechrl.train.rlcommon import RLState, Timer, check_finite, micro_batches, run_rl, scalars
+from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
 from mechrl.train.rollout import completion_logprobs, encode_prompts, generate
 
 log = logging.getLogger(__name__)
@@ -86,10 +89,10 @@ def _logprobs_no_grad(model, batch: GRPOBatch, temperature: float, size: int | N
 
 
 def rollout(st: RLState, timer: Timer) -> GRPOBatch:
-    """Sample, score and compute advantages for one step's batch."""
+    """Sample, score and compute advantages for one step's batch (this process's share of it)."""
     t = st.cfg.train
     G = t.num_generations
-    items = st.env.reset(t.prompts_per_step)
+    items = draw_prompts(st)
     group_items = [it for it in items for _ in range(G)]  # the G completions of a prompt are contiguous
     prompts = [it.prompt for it in group_items]
     with timer("generate"):
@@ -109,11 +112,17 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
                   micro_batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """`num_iterations` optimiser updates on one batch; returns (loss, grad_norm, loss metrics).
     Gradients accumulate over micro-batches; the losses are normalised by the whole batch's
-    sequence and token counts, so the update does not depend on `micro_batch_size`."""
+    sequence and token counts, so the update does not depend on `micro_batch_size`.
+
+    With N processes, `batch` is this process's share and the gradients are averaged over
+    processes, so each normaliser is (global count) / N: the local sequence count B (the shares are
+    equal) and the all-reduced token count / N. The returned loss and metrics are this process's;
+    their mean over processes is the global batch's."""
     t = st.cfg.train
     B = batch.rewards.numel()
     mask = batch.completion_mask.float()  # (B, T)
-    n_tokens = int(mask.sum().item())
+    world = st.dist.world
+    n_tokens = st.dist.sum(mask.sum()) / world if world > 1 else int(mask.sum().item())
     # old and reference log-probs, fixed for the whole step
     if t.num_iterations > 1:
         batch.old_logp = _logprobs_no_grad(st.policy, batch, t.temperature, micro_batch_size)
@@ -139,6 +148,7 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
             w = (mb.stop - mb.start) / (B * t.num_iterations)  # metrics averaged by share of sequences
             for k, v in m.items():
                 loss_metrics[k] = loss_metrics.get(k, 0.0) + w * v.detach()
+        st.dist.average_gradients(params)  # the global batch's gradient on every process
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"GRPO: gradient norm is {grad_norm.item()} (loss {total_loss.item()})")
@@ -156,29 +166,36 @@ def grpo_step(st: RLState, hooks: GRPOHooks, timer: Timer) -> tuple[dict[str, fl
     with timer("update"):
         total_loss, grad_norm, loss_metrics = policy_update(st, batch, hooks, t.micro_batch_size)
     mask = batch.completion_mask.float()  # (B, T)
-    n_tokens = int(mask.sum().item())
+    d = st.dist  # with N processes the metrics are of the global batch: per-sample values gathered
+    n_tokens = d.sum(mask.sum())
 
     # TRY NOT TO MODIFY: logging
-    lengths = batch.completion_mask.sum(1).float()  # (B,)
+    rewards = d.gather(batch.rewards)  # (B_global,), whole groups in rank order
+    lengths = d.gather(batch.completion_mask.sum(1).float())  # (B_global,)
     eos = st.tokenizer.eos_token_id
-    ended = ((batch.completion_ids == eos) & batch.completion_mask.bool()).any(1)
+    ended = d.gather(((batch.completion_ids == eos) & batch.completion_mask.bool()).any(1).float())
     metrics = {
-        "reward/mean": batch.rewards.mean(), "reward/std": batch.rewards.std(),
-        "reward/frac_reward_zero_std": _frac_zero_std(batch.rewards, t.num_generations),
-        "policy/loss": total_loss, "policy/grad_norm": grad_norm, "policy/lr": st.scheduler.get_last_lr()[0],
+        "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+        "reward/frac_reward_zero_std": _frac_zero_std(rewards, t.num_generations),
+        "policy/loss": d.mean(total_loss), "policy/grad_norm": grad_norm, "policy/lr": st.scheduler.get_last_lr()[0],
         # a Monte Carlo estimate of the sampling distribution's entropy: the mean surprisal of its samples
-        "policy/entropy": -(batch.sampler_logp * mask).sum() / max(n_tokens, 1),
+        "policy/entropy": -d.sum((batch.sampler_logp * mask).sum()) / n_tokens.clamp(min=1),
         "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
-        "completions/min_length": lengths.min(), "completions/clipped_frac": 1.0 - ended.float().mean(),
+        "completions/min_length": lengths.min(), "completions/clipped_frac": 1.0 - ended.mean(),
     }
     for name, v in batch.result.rewards.components.items():
-        metrics[f"reward/{name}/mean"] = v.float().mean()
-        metrics[f"reward/{name}/std"] = v.float().std()
-    metrics.update({f"policy/{k}": v for k, v in loss_metrics.items()})
+        v = d.gather(v.float().to(st.device))
+        metrics[f"reward/{name}/mean"] = v.mean()
+        metrics[f"reward/{name}/std"] = v.std()
+    # loss metrics: means by share of sequences, over micro-batches and then over (equal) processes
+    metrics.update({f"policy/{k}": d.mean(v) for k, v in loss_metrics.items()})
     infos = batch.result.infos
     if infos and "correct" in infos[0]:
-        metrics["env/accuracy"] = sum(bool(i["correct"]) for i in infos) / len(infos)
-        metrics["env/format_error_rate"] = sum(bool(i["format_error"]) for i in infos) / len(infos)
+        flags = d.gather(torch.tensor([[bool(i["correct"]), bool(i["format_error"])] for i in infos],
+                                      dtype=torch.float64, device=st.device))  # (B_global, 2)
+        metrics["env/accuracy"] = flags[:, 0].mean()
+        metrics["env/format_error_rate"] = flags[:, 1].mean()
+    hook_metrics = d.mean_metrics(hook_metrics)
     out = scalars(metrics)
     out.update(hook_metrics)
     check_finite(out, f"GRPO step metrics of {st.run.path.name}")

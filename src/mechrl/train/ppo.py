@@ -14,6 +14,10 @@ TRL's former `AutoModelForCausalLMWithValueHead`); with LoRA the head and the ad
 The reference is the initial policy: LoRA with adapters disabled, or a frozen copy.
 Left out: adaptive KL control, reward whitening, separate critic networks.
 
+Under `accelerate launch` each of N processes takes prompts_per_step / N prompts and shuffles them
+into its share of each minibatch; gradients are averaged over processes with token normalisers
+all-reduced, and advantages are whitened with the global batch's statistics (`distributed.py`).
+
     mechrl ppo recipes/cards-ppo.yaml model.path=runs/cards-sft_s0/checkpoints/step-2000
 """
 
@@ -29,8 +33,8 @@ import torch.nn.functional as F
 from mechrl.config import PPORunConfig
 from mechrl.envs import StepResult
 from mechrl.runs.rundir import RunDir
-from mechrl.train.losses import entropy_from_logits, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
-from mechrl.train.rlcommon import RLState, Timer, check_finite, micro_batches, run_rl, scalars
+from mechrl.train.losses import entropy_from_logits, gae, masked_whiten, ppo_policy_loss, ppo_value_loss
+from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
 from mechrl.train.rollout import generate
 
 log = logging.getLogger(__name__)
@@ -89,7 +93,7 @@ def forward(st: RLState, batch: PPOBatch, mb: slice, *, temperature: float, mode
 
 def rollout(st: RLState, timer: Timer) -> PPOBatch:
     t = st.cfg.train
-    items = st.env.reset(t.prompts_per_step)
+    items = draw_prompts(st)  # this process's share
     prompts = [it.prompt for it in items]
     with timer("generate"):
         roll = generate(st.policy, st.tokenizer, prompts, max_new_tokens=t.max_new_tokens,
@@ -127,9 +131,9 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
             rewards[torch.arange(B), last] += batch.scores
             advantages, returns = gae(rewards, old_values * mask, mask, t.gamma, t.lam)
             if t.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+                advantages = _whiten(st, advantages, mask)
 
-        n_tokens = int(mask.sum().item())
+        world = st.dist.world
         mb_size = max(1, B // t.num_minibatches)
         agg: dict[str, torch.Tensor] = {}
         n_updates = 0
@@ -139,7 +143,8 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
             for start in range(0, B, mb_size):
                 idx = order[start:start + mb_size]
                 st.optimizer.zero_grad(set_to_none=True)
-                mb_tokens = int(mask[idx].sum().item())
+                # the minibatch's token count; with N processes the global count / N (gradients are averaged)
+                mb_tokens = int(mask[idx].sum().item()) if world == 1 else st.dist.sum(mask[idx].sum()) / world
                 loss_total = torch.zeros((), device=st.device)
                 for sub in micro_batches(idx.numel(), t.micro_batch_size):
                     rows = idx[sub]
@@ -150,14 +155,18 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
                                                     total_tokens=mb_tokens)
                     vf_loss, vf_m = ppo_value_loss(values, old_values[rows], returns[rows], m, t.clip_range_value,
                                                    total_tokens=mb_tokens)
-                    ent = (entropy * m).sum() / max(mb_tokens, 1)
+                    ent = (entropy * m).sum() / (max(mb_tokens, 1) if world == 1 else mb_tokens.clamp(min=1))
                     loss = pg_loss + t.vf_coef * vf_loss - t.ent_coef * ent
                     loss.backward()
                     loss_total = loss_total + loss.detach()
+                    # the losses are normalised by the minibatch's token count: their micro-batch parts
+                    # add up to the minibatch's value; the other metrics are micro-batch means, weighted
                     w = rows.numel() / idx.numel()
-                    for k, v in {**pg_m, **vf_m, "entropy": ent.detach(), "policy_loss": pg_loss.detach(),
-                                 "value_loss": vf_loss.detach()}.items():
+                    for k, v in {"entropy": ent, "policy_loss": pg_loss, "value_loss": vf_loss}.items():
+                        agg[k] = agg.get(k, 0.0) + v.detach()
+                    for k, v in {**pg_m, **vf_m}.items():
                         agg[k] = agg.get(k, 0.0) + w * v.detach()
+                st.dist.average_gradients(params)  # the global minibatch's gradient on every process
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise FloatingPointError(f"PPO: gradient norm is {grad_norm.item()} (loss {loss_total.item()})")
@@ -165,26 +174,46 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
                 n_updates += 1
         st.scheduler.step()
 
-    # TRY NOT TO MODIFY: logging
-    lengths = batch.completion_mask.sum(1).float()
+    # TRY NOT TO MODIFY: logging (with N processes, of the global batch: per-sample values gathered)
+    d = st.dist
+    scores = d.gather(batch.scores)  # (B_global,)
+    kl_seq = d.gather(kl.sum(1))  # (B_global,)
+    lengths = d.gather(batch.completion_mask.sum(1).float())
+    n_tok = d.sum(mask.sum()).clamp(min=1)
     metrics = {
-        "reward/mean": batch.scores.mean(), "reward/std": batch.scores.std() if B > 1 else torch.zeros(()),
-        "objective/kl": kl.sum(1).mean(), "objective/rlhf_reward": (batch.scores - t.kl_coef * kl.sum(1)).mean(),
+        "reward/mean": scores.mean(), "reward/std": scores.std() if scores.numel() > 1 else torch.zeros(()),
+        "objective/kl": kl_seq.mean(), "objective/rlhf_reward": (scores - t.kl_coef * kl_seq).mean(),
         "policy/grad_norm": grad_norm, "policy/lr": st.scheduler.get_last_lr()[0],
-        "value/mean": masked_mean(old_values, mask), "value/returns_mean": masked_mean(returns, mask),
+        "value/mean": d.sum((old_values * mask).sum()) / n_tok, "value/returns_mean": d.sum((returns * mask).sum()) / n_tok,
         "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
         "completions/min_length": lengths.min(),
     }
-    metrics.update({(f"value/{k}" if k.startswith("value") else f"policy/{k}"): v / n_updates for k, v in agg.items()})
+    metrics.update({(f"value/{k}" if k.startswith("value") else f"policy/{k}"): d.mean(v / n_updates)
+                    for k, v in agg.items()})
     for name, v in batch.result.rewards.components.items():
-        metrics[f"reward/{name}/mean"] = v.float().mean()
+        metrics[f"reward/{name}/mean"] = d.gather(v.float().to(st.device)).mean()
     infos = batch.result.infos
     if infos and "correct" in infos[0]:
-        metrics["env/accuracy"] = sum(bool(i["correct"]) for i in infos) / len(infos)
-        metrics["env/format_error_rate"] = sum(bool(i["format_error"]) for i in infos) / len(infos)
+        flags = d.gather(torch.tensor([[bool(i["correct"]), bool(i["format_error"])] for i in infos],
+                                      dtype=torch.float64, device=st.device))  # (B_global, 2)
+        metrics["env/accuracy"] = flags[:, 0].mean()
+        metrics["env/format_error_rate"] = flags[:, 1].mean()
     out = scalars(metrics)
     check_finite(out, f"PPO step metrics of {st.run.path.name}")
     return out, batch
+
+
+def _whiten(st: RLState, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_whiten` with the mean and variance of the global batch (all processes)."""
+    if st.dist.world == 1:
+        return masked_whiten(x, mask)
+    d = st.dist
+    m = mask.to(x.dtype)
+    n = d.sum(m.sum())
+    mean = d.sum((x * m).sum()) / n.clamp(min=1.0)
+    var = d.sum((((x - mean) ** 2) * m).sum()) / n.clamp(min=1.0)
+    var = var * n / (n - 1).clamp(min=1.0)  # Bessel's correction, as masked_whiten
+    return (x - mean) * torch.rsqrt(var + 1e-8) * m
 
 
 def _select(batch: PPOBatch, rows: torch.Tensor) -> PPOBatch:

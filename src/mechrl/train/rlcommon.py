@@ -1,13 +1,17 @@
 """Plumbing shared by mechrl's RL loops (GRPO, PPO): building the policy, the reference, the
 optimizer and scheduler, resuming, evaluating at checkpoints, and logging samples. The algorithms
 themselves live in `grpo.py` and `ppo.py`; the math in `losses.py`.
+
+Under `accelerate launch` the loops run as N data-parallel processes (`distributed.py` gives the
+semantics): each rank draws its share of the global prompt batch (`draw_prompts`), gradients are
+averaged over ranks, and only rank 0 evaluates and writes the run directory while the others wait.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +23,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechrl.config import RLRunConfig
-from mechrl.envs import TextEnv, build_env
+from mechrl.envs import EnvItem, TextEnv, build_env
+from mechrl.errors import UserError
 from mechrl.evaluate import evaluate, flat_metrics
 from mechrl.models.adapters import add_lora, frozen_copy, trainable_parameters
 from mechrl.models.loading import load_model, load_pretrained
+from mechrl.runs.report import write_run_report
 from mechrl.runs.rundir import RunDir
 from mechrl.tasks import build_task
 from mechrl.tasks.base import Task
 from mechrl.train.checkpoint import clear_partial, load_checkpoint, save_checkpoint
+from mechrl.train.distributed import Dist, env_world_size, sampling_seed
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,11 @@ class RLState:
     start_step: int = 0
     extra: dict = field(default_factory=dict)  # JSON state saved with checkpoints (e.g. train time)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # extra trained modules (value head)
+    dist: Dist | None = None  # the run's processes; None: one process on `device`
+
+    def __post_init__(self):
+        if self.dist is None:
+            self.dist = Dist.single(self.device)
 
     @property
     def uses_lora(self) -> bool:
@@ -87,20 +99,31 @@ def setup_rl(cfg: RLRunConfig, run: RunDir, *, need_ref: bool, model=None, token
     """Build (or resume) everything an RL loop needs. The policy starts from `cfg.model.path`
     (e.g. an SFT checkpoint) or a tiny model; when the run has checkpoints it resumes from the last.
     `make_modules(policy) -> {name: module}` adds trained modules (optimised and checkpointed
-    with the policy), such as PPO's value head."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # several processes would each sample, update and write the same run directory
-        raise NotImplementedError(f"mechrl's RL loops run in one process; this one is part of {world} "
-                                  "(accelerate launch / torchrun). Use one GPU per run and Ray for sweeps.")
+    with the policy), such as PPO's value head.
+
+    Launched as several processes, every rank builds the same state (rank 0's parameters are
+    broadcast, as DDP does) with its own sampling generator, and all ranks resume from the same
+    checkpoint; only rank 0 touches the run directory."""
+    dist = Dist.launch(cfg.model.device) if env_world_size() > 1 else None
     task = task or build_task(cfg.task)
     t = cfg.train
-    clear_partial(run)
+    if dist is not None:
+        dist.share(t.prompts_per_step, "train.prompts_per_step")  # raises unless it divides
+        if run.readonly == dist.is_main:
+            raise RuntimeError(f"rank {dist.rank}: RunDir.readonly={run.readonly} (only rank 0 may write)")
+    if not run.readonly:
+        clear_partial(run)
+    if dist is not None:
+        dist.barrier()  # rank 0 has created (or cleaned) the run directory
     latest = run.latest_checkpoint()
     if model is None:
         model, tokenizer = load_model(cfg.model, task, seed=cfg.seed)
     elif tokenizer is None:
         raise ValueError("setup_rl: a model was given without its tokenizer")
+    if dist is not None:
+        model.to(dist.device)
     device = next(model.parameters()).device
+    dist = dist or Dist.single(device)
     ref = frozen_copy(model) if need_ref and t.lora is None else None
     if latest is not None and t.lora is None:
         # full fine-tuning resumes from the checkpoint's weights; the reference stays the initial model
@@ -108,37 +131,59 @@ def setup_rl(cfg: RLRunConfig, run: RunDir, *, need_ref: bool, model=None, token
     policy = add_lora(model, t.lora) if t.lora is not None else model
     policy.train()
     modules = make_modules(policy) if make_modules is not None else {}
+    dist.broadcast_parameters([m for m in (policy, ref, *modules.values()) if m is not None])
     params = trainable_parameters(policy) + [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay)
     scheduler = warmup_constant(optimizer, t.warmup_steps)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(sampling_seed(cfg.seed, dist.rank))
     env_cfg = cfg.env if cfg.env.seed is not None else cfg.env.model_copy(update={"seed": cfg.seed})
     env = build_env(task, cfg.reward, env_cfg)
     state = RLState(cfg, run, task, env, policy, ref, tokenizer, optimizer, scheduler, generator, device,
-                    modules=modules)
+                    modules=modules, dist=dist)
     if latest is not None:
         step, path = latest
+        state_file = path / "resume" / "state.json"
+        saved_world = json.loads(state_file.read_text()).get("world_size", 1) if state_file.is_file() else dist.world
+        if saved_world != dist.world:
+            raise UserError(f"{path} was saved by a run of {saved_world} processes; resume it with the same "
+                            f"number (this launch has {dist.world}): sampling streams are per process")
         saved = load_checkpoint(path, policy=policy, optimizer=optimizer, scheduler=scheduler, generator=generator,
-                                modules=modules)
+                                modules=modules, rank=dist.rank)
         if saved["step"] != step:
             raise RuntimeError(f"{path}: state.json says step {saved['step']}, the folder name says {step}")
         env.load_state_dict(saved["env"])
         state.extra = saved.get("extra", {})
-        run.truncate_after(step)
+        if dist.is_main:
+            run.truncate_after(step)
         state.start_step = step
         log.info("resuming %s from %s", run.path.name, path)
     return state
 
 
+def draw_prompts(st: RLState) -> list[EnvItem]:
+    """This rank's share of the step's `prompts_per_step` prompts. Every rank draws the whole global
+    batch from its copy of the environment (the copies hold the same stream, so they stay equal)
+    and keeps its contiguous slice: the union over ranks is what one process would draw."""
+    items = st.env.reset(st.cfg.train.prompts_per_step)
+    return items[st.dist.share(len(items), "train.prompts_per_step")]
+
+
 def checkpoint(st: RLState, step: int) -> Path:
-    return save_checkpoint(st.run, step, policy=st.policy, tokenizer=st.tokenizer, optimizer=st.optimizer,
-                           scheduler=st.scheduler, generator=st.generator,
-                           state={"env": st.env.state_dict(), "extra": st.extra}, modules=st.modules)
+    """Save a checkpoint (rank 0 writes it, with every rank's sampling-generator state); collective."""
+    states = st.dist.gather_object(st.generator.get_state())  # [rank 0's, rank 1's, ...]
+    path = st.run.checkpoint_path(step)
+    if st.dist.is_main:
+        path = save_checkpoint(st.run, step, policy=st.policy, tokenizer=st.tokenizer, optimizer=st.optimizer,
+                               scheduler=st.scheduler, generator=st.generator,
+                               state={"env": st.env.state_dict(), "extra": st.extra, "world_size": st.dist.world},
+                               modules=st.modules, rank_generator_states=states[1:])
+    st.dist.barrier()  # nobody goes on (or resumes) before the checkpoint is complete
+    return path
 
 
 def evaluate_and_log(st: RLState, step: int, *, final: bool) -> dict:
-    """Greedy evaluation of every split; written to eval/step-N.json and metrics.jsonl."""
+    """Greedy evaluation of every split; written to eval/step-N.json and metrics.jsonl (rank 0 only)."""
     cfg = st.cfg
     n = cfg.eval.n_final if final else cfg.eval.n_per_split
     result = evaluate(st.policy, st.tokenizer, st.task, n=n, batch_size=cfg.eval.batch_size,
@@ -197,8 +242,9 @@ def run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_re
            tokenizer=None, task: Task | None = None, make_modules=None) -> Path:
     """The outer loop every RL algorithm shares: set up or resume, evaluate the starting point,
     run `step_fn` for each step, log metrics and samples, evaluate and checkpoint on schedule.
-    Returns the final checkpoint."""
-    handler = run.attach_log()
+    Returns the final checkpoint. In a multi-process launch every rank runs this loop; rank 0
+    alone logs, evaluates and writes (the others wait for it at the checkpoint's barrier)."""
+    handler = None if run.readonly else run.attach_log()
     try:
         t = cfg.train
         torch.manual_seed(cfg.seed)
@@ -207,35 +253,42 @@ def run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_re
         if st.start_step >= t.max_steps:
             log.info("already finished: %s", run.checkpoint_path(st.start_step))
             return run.checkpoint_path(st.start_step)
-        run.set_status("running", kind=kind)
-        log.info("%s %s: %s", kind.upper(), run.path.name, t.model_dump_json())
-        if st.start_step == 0:
-            evaluate_and_log(st, 0, final=False)  # the starting point, for comparison
+        main = st.dist.is_main
+        if main:
+            run.set_status("running", kind=kind)
+            log.info("%s %s: %s (%d processes)", kind.upper(), run.path.name, t.model_dump_json(), st.dist.world)
+            if st.start_step == 0:
+                evaluate_and_log(st, 0, final=False)  # the starting point, for comparison
         timer = Timer()
         for step in tqdm(range(st.start_step + 1, t.max_steps + 1), desc=kind, initial=st.start_step,
-                         total=t.max_steps):
+                         total=t.max_steps, disable=not main):
             timer.totals.clear()
+            # metrics come back reduced over ranks; samples are this rank's; n_tokens its own count
             metrics, samples, n_tokens = step_fn(st, timer, step)
-            step_s = sum(timer.totals.values())
+            n_tokens = int(st.dist.sum(n_tokens).item())
+            step_s = sum(timer.totals.values())  # this rank's; ranks meet at every gradient all-reduce
             metrics.update({f"time/{k}_s": v for k, v in timer.totals.items()})
             metrics["time/step_s"] = step_s
             metrics["throughput/tokens_per_s"] = n_tokens / max(step_s, 1e-9)
             st.extra["train_time_s"] = st.extra.get("train_time_s", 0.0) + step_s  # saved with checkpoints
-            if step % t.log_every == 0 or step == t.max_steps:
+            if main and (step % t.log_every == 0 or step == t.max_steps):
                 run.log_metrics(step, metrics)
-            if step % t.sample_every == 0 and t.n_samples:
+            if main and step % t.sample_every == 0 and t.n_samples:
                 run.log_samples(samples[:t.n_samples])
             final = step == t.max_steps
             # evaluate before checkpointing: a kill between the two redoes the step's evaluation
-            if step % t.eval_every == 0 or final:
+            if main and (step % t.eval_every == 0 or final):
                 evaluate_and_log(st, step, final=final)
             if step % t.save_every == 0 or step % t.eval_every == 0 or final:
-                checkpoint(st, step)
+                checkpoint(st, step)  # collective: the other ranks wait here for rank 0's evaluation
         final_path = run.checkpoint_path(t.max_steps)
-        run.set_status("finished", kind=kind, final_checkpoint=str(final_path),
-                       train_time_s=st.extra.get("train_time_s", 0.0))
+        if main:
+            run.set_status("finished", kind=kind, final_checkpoint=str(final_path),
+                           train_time_s=st.extra.get("train_time_s", 0.0))
+            write_run_report(run.path)
         return final_path
     finally:
         run.close()
-        logging.getLogger("mechrl").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("mechrl").removeHandler(handler)
+            handler.close()

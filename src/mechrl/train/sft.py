@@ -8,6 +8,11 @@ mistaken for one) and is evaluated on every split into `eval/step-N.json`.
 
 A run killed at any point resumes from its last `step-N` with optimizer, scheduler and RNG state.
 
+Under `accelerate launch` SFTTrainer runs data-parallel (`train.batch_size` is per process). Only
+the main process (`state.is_world_process_zero`) logs, renames and evaluates; the trainer itself
+still writes each process's RNG state (`rng_state_<rank>.pth`) into the checkpoint, which resuming
+needs, and every process waits for the rename before it goes on.
+
     mechrl sft recipes/cards-sft.yaml train.lr=3e-4 seed=7
 """
 
@@ -26,7 +31,8 @@ from trl import SFTTrainer
 
 from mechrl.config import SFTRunConfig
 from mechrl.evaluate import evaluate, flat_metrics
-from mechrl.models.loading import load_model
+from mechrl.models.loading import load_model, load_pretrained
+from mechrl.runs.report import write_run_report
 from mechrl.runs.rundir import RunDir
 from mechrl.tasks import build_task
 
@@ -52,6 +58,8 @@ class _RunCallback(TrainerCallback):
             self.train_time += time.perf_counter() - self._t_last
 
     def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero:
+            return
         logs = dict(logs or {})
         if "loss" not in logs:  # the end-of-training summary (train_runtime, ...) is not a step log
             return
@@ -62,6 +70,13 @@ class _RunCallback(TrainerCallback):
         self.run.log_metrics(state.global_step, metrics)
 
     def on_save(self, args, state, control, model=None, **kw):
+        _wait_for_everyone()  # every process has written its part of checkpoint-N (its RNG state)
+        if state.is_world_process_zero:
+            self._publish(args, state, model)
+        _wait_for_everyone()  # step-N exists before anyone goes on
+
+    def _publish(self, args, state, model) -> None:
+        """Rename checkpoint-N to step-N, evaluate it and log the result (main process only)."""
         step = state.global_step
         src = Path(args.output_dir) / f"checkpoint-{step}"
         if not src.is_dir():
@@ -72,6 +87,10 @@ class _RunCallback(TrainerCallback):
         src.rename(dst)
         final = step >= state.max_steps
         n = self.cfg.eval.n_final if final else self.cfg.eval.n_per_split
+        if args.world_size > 1:
+            # the live model may be sharded (FSDP) and its forward then needs every process: evaluate
+            # the saved checkpoint instead, which also checks that it loads
+            model, _ = load_pretrained(dst, dtype=self.cfg.model.dtype, device=str(args.device))
         result = evaluate(model, self.tok, self.task, n=n, batch_size=self.cfg.eval.batch_size,
                           max_new_tokens=self.cfg.eval.max_new_tokens, progress=False)
         result["step"], result["checkpoint"] = step, str(dst)
@@ -80,6 +99,12 @@ class _RunCallback(TrainerCallback):
         self.run.log_samples(_pick_samples(result["samples"], self.cfg.eval.n_samples, step))
         acc = {s: round(r["accuracy"], 3) for s, r in result["splits"].items()}
         log.info("step %d: checkpoint %s; accuracy %s", step, dst.name, acc)
+
+
+def _wait_for_everyone() -> None:
+    """A barrier across the processes of a multi-process launch; nothing in one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _pick_samples(samples: list[dict], per_split: int, step: int) -> list[dict]:
@@ -130,7 +155,8 @@ def trl_args(cfg: SFTRunConfig, output_dir: Path, device: torch.device) -> TRLSF
 def run_sft(cfg: SFTRunConfig, run: RunDir, *, model=None, tokenizer=None, task=None) -> Path:
     """Train, checkpoint and evaluate; returns the final checkpoint's path. Resumes when `run`
     already holds checkpoints of this config."""
-    handler = run.attach_log()
+    main = not run.readonly  # rank 0 of a multi-process launch, or the only process
+    handler = run.attach_log() if main else None
     try:
         set_seed(cfg.seed)
         task = task or build_task(cfg.task)
@@ -147,31 +173,37 @@ def run_sft(cfg: SFTRunConfig, run: RunDir, *, model=None, tokenizer=None, task=
             log.info("already finished: %s", latest[1])
             return latest[1]
         trainer_dir = run.checkpoints_dir / _TRAINER_DIR
-        if trainer_dir.exists():  # leftovers of a killed save: never complete checkpoints
+        if main and trainer_dir.exists():  # leftovers of a killed save: never complete checkpoints
             shutil.rmtree(trainer_dir)
         resume = None
         if latest is not None:
             step, path = latest
             if not (path / "trainer_state.json").exists():
                 raise RuntimeError(f"{path} has no trainer_state.json: cannot resume SFT from it")
-            run.truncate_after(step)
+            if main:
+                run.truncate_after(step)
             resume = str(path)
             log.info("resuming from %s", path)
-        run.set_status("running", kind="sft")
+        if main:
+            run.set_status("running", kind="sft")
 
         train = task.datasets["train"].select_columns(["prompt", "completion"])
         callback = _RunCallback(run, cfg, task, tokenizer)
         trainer = SFTTrainer(model=model, args=trl_args(cfg, trainer_dir, device), train_dataset=train,
                              processing_class=tokenizer, callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume)
+        _wait_for_everyone()
         final = run.checkpoint_path(cfg.train.max_steps)
         if not final.exists():
             raise RuntimeError(f"SFT finished without its final checkpoint {final}")
-        if trainer_dir.exists():
-            shutil.rmtree(trainer_dir)
-        run.set_status("finished", kind="sft", final_checkpoint=str(final), train_time_s=callback.train_time)
+        if main:
+            if trainer_dir.exists():
+                shutil.rmtree(trainer_dir)
+            run.set_status("finished", kind="sft", final_checkpoint=str(final), train_time_s=callback.train_time)
+            write_run_report(run.path)
         return final
     finally:
         run.close()
-        logging.getLogger("mechrl").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("mechrl").removeHandler(handler)
+            handler.close()

@@ -104,8 +104,9 @@ def samples_section(run: RunData) -> Section:
 
 
 def run_sections(run: RunData) -> list[Section]:
-    return [Section("Overview", tables=[overview_table(run)]), Section("Config", tables=[config_table(run)]),
-            metrics_section(run), eval_section(run), samples_section(run)]
+    # the config last: it is long, and the numbers are what a reader looks for first
+    return [Section("Overview", tables=[overview_table(run)]), eval_section(run), metrics_section(run),
+            samples_section(run), Section("Config", tables=[config_table(run)])]
 
 
 # -- several runs ---------------------------------------------------------------------------------

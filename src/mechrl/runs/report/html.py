@@ -27,6 +27,7 @@ table.tbl td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.tbl td.text { font-family: "DejaVu Sans Mono", monospace; white-space: pre-wrap;
                     max-width: 45em; word-break: break-word; }
 table.tbl tr:nth-child(even) td { background: #fafafc; }
+div.figures { display: flex; flex-wrap: wrap; gap: 1em 2em; align-items: flex-start; }
 figure { margin: .5em 0 1.5em; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #555; }
@@ -91,7 +92,8 @@ def render_section(s: Section, anchor: str, level: int, used: set[str]) -> str:
     if s.text:
         out.append(_render_text(s.text))
     out += [render_table(t) for t in s.tables]
-    out += [render_figure(f) for f in s.figures]
+    if s.figures:
+        out.append('<div class="figures">' + "\n".join(render_figure(f) for f in s.figures) + "</div>")
     for sub in s.subsections:
         out.append(render_section(sub, _anchor(sub.title, used), min(level + 1, 6), used))
     out.append("</section>")

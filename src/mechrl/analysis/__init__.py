@@ -1,0 +1,22 @@
+"""Looking inside models: hooks, activation caches, TransformerLens interop, probes.
+
+    hooks.py        hook sites by module path or alias (resid_post.{L}, attn_out.{L}, mlp_out.{L},
+                    heads.{L}, head_out.{L}.{H}) on plain and PEFT-wrapped HF models; `hooks(...)`
+    cache.py        `run_with_cache` (one batch), `extract_activations` (a dataset, padding-safe,
+                    positions relative to the last prompt token, in memory or on disk)
+    store.py        activations on disk: safetensors shards + index.json, written and read in chunks
+    tl.py           `to_transformer_lens`: a TransformerLens TransformerBridge checked against HF logits
+    probes.py       ridge (closed form, batched over layers) and logistic probes per layer x position,
+                    trained on ID, scored on held-out ID and every OOD set
+    card_probes.py  the card game's labels through the residual stream into `probes.probe`
+    patching.py     activation patching (resid layer x position, heads, MLPs) and attribution patching
+                    on clean/corrupted prompt pairs, normalised so 1 = clean and 0 = corrupted
+    card_pairs.py   the card game's pairs: same cards under another rule; ID vs OOD colours / phrasing
+    ablation.py     zero / mean ablation of heads and MLPs, importance per component, top-k Jaccard
+    plots.py        patching and ablation heatmaps, Jaccard bars (matplotlib Agg)
+    sae.py          SAEs (standard L1, TopK) trained by SAELens's SAETrainer on mechrl activations; FVU,
+                    L0, dead latents, LM loss with the SAE spliced in; saved in SAELens's format
+    sae_features.py SAE feature statistics per task label; ID-specific vs OOD-stable features; table + plot
+
+Analysis works on the same model object training uses: nothing is converted unless asked for.
+"""
