@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from mechrl.cli import main
-from mechrl.config import ConfigError, TinyModelConfig, load_config
+from mechrl.config import ConfigError, RewardSpec, TinyModelConfig, load_config
 from mechrl.models.dual_lora import (add_dual_lora, adapter_parameters, block_gradients, dual_lora_modules,
                                      merged_dual_lora, scales)
 from mechrl.models.loading import build_tiny_model, load_pretrained
 from mechrl.rewards.registry import build_reward
-from mechrl.config import RewardSpec
 from mechrl.runs.rundir import RunDir, read_jsonl
 from mechrl.train.grpo import GRPOHooks, Timer, policy_update, rollout
 from mechrl.train.losses import grpo_loss

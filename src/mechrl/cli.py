@@ -127,7 +127,7 @@ def cmd_analyze(args) -> int:
 def cmd_demo(args) -> int:
     from mechrl.studies.sft_vs_rl import format_summary, run_demo
 
-    summary = run_demo(Path(args.out), preset=args.preset, force=args.force)
+    summary = run_demo(Path(args.out), preset=args.preset, force=args.force, seed=args.seed)
     print(format_summary(summary))
     print(json.dumps({"summary": str(Path(args.out) / "summary.json")}))
     return 0 if summary else 1
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     d.add_argument("--preset", default="tiny")
     d.add_argument("--force", action="store_true", help="start over instead of resuming")
+    d.add_argument("--seed", type=int, default=0, help="seed of both phases (default 0)")
     d.set_defaults(fn=cmd_demo)
 
     w = sub.add_parser("sweep", help="run a recipe over a grid of overrides (locally or on Ray)")

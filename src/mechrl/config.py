@@ -194,9 +194,10 @@ class ModelConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
     """Off by default: remote code runs only when the user turns this on."""
-    builtin: Literal["stories"] | None = None
+    builtin: Literal["stories", "stories-fast"] | None = None
     """A model mechrl builds itself (no download): `stories` is the pretrained tiny story Llama
-    (`mechrl.tasks.stories.story_base_model`, built once and cached). Excludes `path`."""
+    (`mechrl.tasks.stories.story_base_model`, built once, a few minutes on CPU, and cached);
+    `stories-fast` the same shape pretrained for seconds (for smoke runs and tests). Excludes `path`."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

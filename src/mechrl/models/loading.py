@@ -101,10 +101,11 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "
 def load_model(cfg: ModelConfig, task=None, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model a config describes: pretrained from `cfg.path`, a built-in model (`cfg.builtin`),
     else tiny built for `task`."""
-    if cfg.builtin == "stories":
-        from mechrl.tasks.stories.base_model import story_base_model  # local: it imports this module
+    if cfg.builtin in ("stories", "stories-fast"):
+        from mechrl.tasks.stories.base_model import StoryModelConfig, story_base_model  # local: imports this module
 
-        return load_pretrained(story_base_model(), dtype=cfg.dtype, device=cfg.device)
+        path = story_base_model(StoryModelConfig(fast=cfg.builtin == "stories-fast"))
+        return load_pretrained(path, dtype=cfg.dtype, device=cfg.device)
     if cfg.builtin is not None:
         raise ValueError(f"unknown built-in model {cfg.builtin!r}")
     if cfg.path is not None:

@@ -37,14 +37,15 @@ def _phase_summary(run: RunDir, checkpoint: Path) -> dict:
             "train_time_s": run.status().get("train_time_s"), "splits": result["splits"]}
 
 
-def run_demo(out: Path, preset: str = "tiny", force: bool = False, analysis: bool = True) -> dict:
+def run_demo(out: Path, preset: str = "tiny", force: bool = False, analysis: bool = True, seed: int = 0) -> dict:
     """SFT then GRPO at the given preset into `out/sft` and `out/grpo`; print and save the
     per-split table of each phase. Re-running resumes whatever is unfinished. With `analysis`, both
     final checkpoints are then analysed (`sft_vs_rl_analysis`, its smoke preset for the smoke demo,
-    else its tiny one) into `out/analysis`, and the headline numbers go into summary.json."""
+    else its tiny one) into `out/analysis`, and the headline numbers go into summary.json. `seed` seeds
+    both phases (model initialisation, data order, sampling); the task's data is the same for every seed."""
     t0 = time.perf_counter()
     out = Path(out)
-    sft_cfg, _ = load_config("cards-sft", [f"preset={preset}", f"out_dir={out}"], kind="sft")
+    sft_cfg, _ = load_config("cards-sft", [f"preset={preset}", f"out_dir={out}", f"seed={seed}"], kind="sft")
     sft_run = RunDir.start(sft_cfg, "sft", force=force)
     sft_final = run_sft(sft_cfg, sft_run)
 

@@ -23,7 +23,9 @@ with more, they come from one no-grad forward pass before the first update.
 Where later methods plug in (`GRPOHooks`): `on_batch` sees each scored batch and may attach
 per-sample labels (e.g. a reward-hacking detector's flags) or change advantages; `logprobs` computes
 the policy's log-probs of a micro-batch and is where per-sample gradient masks enter (e.g.
-gradient routing between two adapters). The loop itself stays as it is.
+gradient routing between two adapters, `routing.py`); `partition` picks the micro-batches (e.g.
+homogeneous ones for such masks); `after_step` runs after each update (e.g. a periodic evaluation).
+The loop itself stays as it is.
 
     mechrl grpo recipes/cards-grpo.yaml model.path=runs/cards-sft_s0/checkpoints/step-2000
 """
@@ -63,6 +65,7 @@ class GRPOBatch:
     old_logp: torch.Tensor | None = None  # (B, T); None: the ratio is 1 (one iteration)
     ref_logp: torch.Tensor | None = None  # (B, T); set when beta > 0
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample labels from hooks, (B,)
+    examples: list[dict] = field(default_factory=list)  # the environment's example of each sample
 
 
 class GRPOHooks:
@@ -73,11 +76,20 @@ class GRPOHooks:
         `batch.advantages`. Returns metrics to log (namespaced keys)."""
         return {}
 
-    def logprobs(self, st: RLState, batch: GRPOBatch, mb: slice) -> torch.Tensor:
-        """Per-token log-probs (len(mb), T) of the policy, with gradients."""
+    def partition(self, st: RLState, batch: GRPOBatch, size: int | None) -> list[slice | torch.Tensor]:
+        """The micro-batches of an update: slices or index tensors covering the batch once (at most
+        `size` each). Default: contiguous slices. Routing uses it for homogeneous micro-batches."""
+        return micro_batches(batch.rewards.numel(), size)
+
+    def logprobs(self, st: RLState, batch: GRPOBatch, mb: slice | torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs (len(mb), T) of the policy on micro-batch `mb`, with gradients."""
         return completion_logprobs(st.policy, batch.prompt_ids[mb], batch.prompt_mask[mb],
                                    batch.completion_ids[mb], batch.completion_mask[mb],
                                    temperature=st.cfg.train.temperature)
+
+    def after_step(self, st: RLState, step: int, batch: GRPOBatch) -> dict[str, float]:
+        """Called after each step's update (e.g. a periodic evaluation). Returns metrics to log."""
+        return {}
 
 
 @torch.no_grad()
@@ -105,7 +117,8 @@ def rollout(st: RLState, timer: Timer) -> GRPOBatch:
     rewards = result.rewards.total.to(st.device, torch.float32)  # (B,)
     advantages, _ = group_advantages(rewards, G, t.scale_rewards)
     return GRPOBatch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask, rewards,
-                     advantages, roll.texts, prompts, result, roll.logprobs)
+                     advantages, roll.texts, prompts, result, roll.logprobs,
+                     examples=[it.example for it in group_items])
 
 
 def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
@@ -135,7 +148,16 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
     for _ in range(t.num_iterations):
         st.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=st.device)
-        for mb in micro_batches(B, micro_batch_size):
+        parts = hooks.partition(st, batch, micro_batch_size)
+        seen = torch.zeros(B, dtype=torch.long)
+        for mb in parts:  # index_add_ counts a row repeated within one index tensor
+            idx = torch.arange(B)[mb] if isinstance(mb, slice) else mb.cpu()
+            seen.index_add_(0, idx, torch.ones_like(idx))
+        if not bool((seen == 1).all()):
+            raise RuntimeError(f"GRPO: the micro-batches of {type(hooks).__name__}.partition must cover each of the "
+                               f"{B} rows exactly once; rows covered 0 or >1 times: "
+                               f"{(seen != 1).nonzero().flatten().tolist()[:10]}")
+        for mb in parts:
             logp = hooks.logprobs(st, batch, mb)  # (b, T)
             old = logp.detach() if batch.old_logp is None else batch.old_logp[mb]
             ref = None if batch.ref_logp is None else batch.ref_logp[mb]
@@ -145,7 +167,7 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
                                 total_sequences=B, total_tokens=n_tokens)
             loss.backward()
             total_loss = total_loss + loss.detach()
-            w = (mb.stop - mb.start) / (B * t.num_iterations)  # metrics averaged by share of sequences
+            w = _rows(mb, B) / (B * t.num_iterations)  # metrics averaged by share of sequences
             for k, v in m.items():
                 loss_metrics[k] = loss_metrics.get(k, 0.0) + w * v.detach()
         st.dist.average_gradients(params)  # the global batch's gradient on every process
@@ -155,6 +177,11 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
         st.optimizer.step()
     st.scheduler.step()
     return total_loss, grad_norm, loss_metrics
+
+
+def _rows(mb: slice | torch.Tensor, n: int) -> int:
+    """Rows a micro-batch (slice or index tensor) selects from a batch of `n`."""
+    return len(range(*mb.indices(n))) if isinstance(mb, slice) else mb.numel()
 
 
 def grpo_step(st: RLState, hooks: GRPOHooks, timer: Timer) -> tuple[dict[str, float], GRPOBatch]:
@@ -221,6 +248,7 @@ def _samples(step: int, batch: GRPOBatch, n: int) -> list[dict]:
 def _step(hooks: GRPOHooks):
     def step_fn(st: RLState, timer: Timer, step: int):
         metrics, batch = grpo_step(st, hooks, timer)
+        metrics.update(hooks.after_step(st, step, batch))
         return metrics, _samples(step, batch, st.cfg.train.n_samples), int(batch.completion_mask.sum())
     return step_fn
 
@@ -228,6 +256,11 @@ def _step(hooks: GRPOHooks):
 def run_grpo(cfg: GRPORunConfig, run: RunDir, *, model=None, tokenizer=None, task=None,
              hooks: GRPOHooks | None = None) -> Path:
     """Train with GRPO, checkpoint, evaluate; returns the final checkpoint. Resumes when `run`
-    already holds checkpoints of this config."""
+    already holds checkpoints of this config. With `routing.enabled` (and no hooks given) this is
+    `mechrl.train.routing.run_routed_grpo`."""
+    if cfg.routing.enabled and hooks is None:
+        from mechrl.train.routing import run_routed_grpo  # local: routing builds on this module
+
+        return run_routed_grpo(cfg, run, model=model, tokenizer=tokenizer, task=task)
     return run_rl(cfg, run, "grpo", _step(hooks or GRPOHooks()), need_ref=cfg.train.beta > 0, model=model,
                   tokenizer=tokenizer, task=task)

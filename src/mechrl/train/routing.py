@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
 
-from mechrl.config import GRPORunConfig, RewardSpec, RoutingConfig, load_config
+from mechrl.config import GRPORunConfig, RewardSpec, RoutingConfig, build_config
 from mechrl.errors import UserError
 from mechrl.models.dual_lora import (add_dual_lora, block_gradients, dual_lora_modules, load_dual_lora,
                                      scales)
@@ -271,7 +272,12 @@ def evaluate_routing_checkpoint(checkpoint: str | Path, n: int | None = None) ->
     config = ckpt.parent.parent / "config.yaml"  # <run>/checkpoints/step-N
     if not config.is_file():
         raise UserError(f"{ckpt}: the run's config {config} is missing")
-    cfg, _ = load_config(config, kind="grpo")
+    data = yaml.safe_load(config.read_text())
+    if not isinstance(data, dict) or data.get("kind") != "grpo":
+        raise UserError(f"{config}: not the config of a GRPO run")
+    # the saved config is final (preset and overrides applied): validate it as it is, no preset re-applied
+    data["preset"] = None
+    cfg, _ = build_config(data, source=str(config), kind="grpo")
     assert isinstance(cfg, GRPORunConfig)
     if not cfg.routing.enabled:
         raise UserError(f"{config}: routing is not enabled in this run's config")
