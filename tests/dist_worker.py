@@ -45,25 +45,24 @@ def _install_audit(root: Path, events: list) -> None:
     sys.addaudithook(hook)
 
 
-class RecordHooks:
-    """GRPO hooks that save this process's share of every batch (test instrumentation)."""
+def record_hooks(record_dir: Path, rank: int):
+    """GRPO hooks that save this process's share of every batch (test instrumentation); every other
+    hook is GRPOHooks' own."""
+    from mechrl.train.grpo import GRPOHooks
 
-    def __init__(self, record_dir: Path, rank: int):
-        from mechrl.train.grpo import GRPOHooks
+    class RecordHooks(GRPOHooks):
+        def __init__(self):
+            self.step = 0
 
-        self.base = GRPOHooks()
-        self.dir, self.rank, self.step = record_dir, rank, 0
+        def on_batch(self, st, batch):
+            self.step += 1
+            torch.save({"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask,
+                        "completion_ids": batch.completion_ids, "completion_mask": batch.completion_mask,
+                        "advantages": batch.advantages, "rewards": batch.rewards, "sampler_logp": batch.sampler_logp,
+                        "prompts": batch.prompts}, record_dir / f"batch-rank{rank}-step{self.step}.pt")
+            return super().on_batch(st, batch)
 
-    def on_batch(self, st, batch):
-        self.step += 1
-        torch.save({"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask,
-                    "completion_ids": batch.completion_ids, "completion_mask": batch.completion_mask,
-                    "advantages": batch.advantages, "rewards": batch.rewards, "sampler_logp": batch.sampler_logp,
-                    "prompts": batch.prompts}, self.dir / f"batch-rank{self.rank}-step{self.step}.pt")
-        return self.base.on_batch(st, batch)
-
-    def logprobs(self, st, batch, mb):
-        return self.base.logprobs(st, batch, mb)
+    return RecordHooks()
 
 
 def _record_ppo_rollouts(ppo, record_dir: Path, rank: int) -> None:
@@ -96,7 +95,7 @@ def main() -> None:
     if kind == "grpo":
         from mechrl.train.grpo import run_grpo
 
-        final = run_grpo(cfg, run, hooks=RecordHooks(record_dir, rank))
+        final = run_grpo(cfg, run, hooks=record_hooks(record_dir, rank))
     elif kind == "ppo":
         from mechrl.train import ppo
 
