@@ -94,6 +94,18 @@ def test_select_positions_same_for_left_and_right_padding(cards_tok):
         select_positions(left["input_ids"], left["attention_mask"], [-6])
 
 
+def test_identity_hooks_leave_logits_bit_identical(tiny_model, batch):
+    """Hooks that return their input (a copy, so a replacement really happens) at every kind of site
+    change nothing: the logits are bit-identical to a run without hooks."""
+    model = tiny_model.eval()
+    clean, _ = run_with_cache(model, batch, [])
+    sites = ["resid_pre.0", "attn_out.0", "mlp_out.1", "heads.1", "head_out.0.2", "resid_post.1"]
+    with hooks(model, {s: (lambda x: x.clone()) for s in sites}) as fired:
+        out, _ = run_with_cache(model, batch, [])
+    assert all(fired[s] >= 1 for s in sites)
+    assert torch.equal(out.logits, clean.logits)
+
+
 def test_replacing_hook_ablates(tiny_model, batch):
     model = tiny_model.eval()
     with hooks(model, {"mlp_out.1": torch.zeros_like}) as fired:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from scipy.stats import spearmanr
 import pytest
 import torch
 
@@ -167,6 +168,11 @@ def test_attribution_correlates_with_exact(tiny_model, pb):
         ok = ~np.isnan(a)
         r = np.corrcoef(a[ok], b[ok])[0, 1]
         assert r > 0.8, f"{kind}: attribution vs exact Pearson r = {r:.3f}"
+        # the ranking of components (mean effect over pairs) agrees too
+        ea, eb = np.nanmean(ex[kind]["per_pair"], 0).ravel(), np.nanmean(at[kind]["per_pair"], 0).ravel()
+        keep = ~np.isnan(ea)
+        rho = spearmanr(ea[keep], eb[keep]).statistic
+        assert rho >= 0.8, f"{kind}: attribution vs exact Spearman rho over components = {rho:.3f}"
 
 
 def test_ood_pairs_and_end_alignment(tiny_model, cards_tok, small_cards_cfg):
