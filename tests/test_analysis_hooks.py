@@ -229,3 +229,25 @@ def test_cache_with_grad_backpropagates(tiny_model, batch):
     assert cache["resid_post.0"].grad is not None and cache["resid_post.0"].grad.abs().sum() > 0
     _, no_grad = run_with_cache(tiny_model, batch, ["resid_post.0"])
     assert not no_grad["resid_post.0"].requires_grad
+
+
+def test_stop_early_caches_the_same_and_skips_later_layers(tiny_model, batch):
+    """`stop_early` ends the forward after the last requested site: same cache, later layers never run."""
+    names = ["resid_post.0", "heads.0"]
+    full_out, full = run_with_cache(tiny_model, batch, names)
+    ran = []
+    last_block = unwrap(tiny_model).transformer.h[-1] if hasattr(unwrap(tiny_model), "transformer") \
+        else unwrap(tiny_model).model.layers[-1]
+    handles = [m.register_forward_hook(lambda *a, m=m: ran.append(m)) for m in (last_block, tiny_model.lm_head)]
+    try:
+        out, early = run_with_cache(tiny_model, batch, names, stop_early=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert out is None and full_out is not None
+    assert ran == []  # neither the last block nor the unembedding ran
+    assert early.keys() == full.keys()
+    for n in names:
+        assert torch.equal(early[n], full[n])
+    with pytest.raises(ValueError, match="stop_early"):
+        run_with_cache(tiny_model, batch, names, grad=True, stop_early=True)

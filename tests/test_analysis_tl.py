@@ -33,6 +33,8 @@ def test_bridge_from_model_object_leaves_model_and_tokenizer_alone(tiny_model, c
     model = tiny_model.eval()
     tokens = check_batch(model.config.vocab_size)
     before = model(tokens).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
     side = cards_tok.padding_side
     model.train()
     bridge = to_transformer_lens(model, cards_tok)
@@ -42,8 +44,13 @@ def test_bridge_from_model_object_leaves_model_and_tokenizer_alone(tiny_model, c
     assert cards_tok.padding_side == side
     with pytest.raises(ValueError, match="move the model first"):
         to_transformer_lens(model, cards_tok, device="meta")
-    torch.testing.assert_close(model(tokens).logits, before)
-    _, cache = run_with_cache(model, {"input_ids": tokens}, ["resid_post.1"])  # mechrl hooks still work on the model
+    # the caller's model is untouched: same modules, same state dict, bit-identical logits
+    assert [type(m) for m in model.modules()] == modules
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    assert torch.equal(model(tokens).logits, before)
+    # mechrl hooks still work on the model, module-path sites included
+    _, cache = run_with_cache(model, {"input_ids": tokens}, ["resid_post.1", "mlp_out.1", "heads.1", "attn_out.0"])
     assert cache["resid_post.1"].shape[:2] == tokens.shape
 
 

@@ -49,6 +49,29 @@ def test_worked_answer_by_hand():
     assert worked_steps(empty, apply_rule(empty, [("RED", 1)])) == "HIGH = 0"
 
 
+def test_running_answer_by_hand():
+    rule = Rule("color_sum_diff", "sum", Selector("color", "RED"), Selector("color", "BLUE"))
+    r = apply_rule(rule, CARDS)
+    assert worked_steps(rule, r, running=True) == "RED 3 7 = 3 10 ; BLUE 5 9 = 5 14 ; 10 - 14 = -4"
+    assert format_answer(rule, r, "running", "score", 1) == (" RED 3 7 = 3 10 ; BLUE 5 9 = 5 14 ; 10 - 14 = -4", "-4")
+    assert format_answer(rule, r, "running", "bigsmall", 1)[0].endswith("10 - 14 = -4 ; SMALL")
+    single = Rule("count_above", "count", Selector("above", 4))
+    assert worked_steps(single, apply_rule(single, CARDS), running=True) == "HIGH 5 7 9 = 1 2 3"
+    empty = Rule("count_above", "count", Selector("above", 8))
+    assert worked_steps(empty, apply_rule(empty, [("RED", 1)]), running=True) == "HIGH = 0"
+
+
+def test_every_running_completion_parses_to_its_answer(small_cards_cfg):
+    from mechrl.tasks import build_task
+
+    task = build_task(small_cards_cfg.model_copy(update={"answer_format": "running"}))
+    for split, ds in task.datasets.items():
+        for i in range(min(len(ds), 200)):
+            ex = ds[i]
+            parsed = parse_answer(ex["completion"], "running", ex["question"])
+            assert (parsed.answer, parsed.format_error) == (ex["answer"], False), (split, ex["completion"])
+
+
 def test_labels_consistent_with_answer(cards_task, small_cards_cfg):
     for split, ds in cards_task.datasets.items():
         for ex in ds.select(range(min(200, len(ds)))):
@@ -169,6 +192,13 @@ def test_splits_reproducible_and_disjoint(small_cards_cfg, cards_task):
     (" SMALL", "direct", "bigsmall", "SMALL"),
     (" big", "direct", "bigsmall", None),
     (" HIGH 7 9 = 2 ; BIG", "worked", "bigsmall", "BIG"),
+    (" RED 3 7 = 3 10 ; BLUE 5 = 5 ; 10 - 5 = 5", "running", "score", "5"),
+    (" HIGH 7 9 = 1 2", "running", "score", "2"),
+    (" HIGH = 0", "running", "score", "0"),
+    (" HIGH 7 9 = 1 2 ; SMALL", "running", "bigsmall", "SMALL"),
+    (" HIGH 7 9 =", "running", "score", None),  # no total
+    (" RED 3 7 = 3 10 ; BLUE 5 = 5 ; 10 - 5 =", "running", "score", None),  # truncated
+    (" RED 3 7 = 3 10 ;", "running", "score", None),  # trailing separator
     (" HIGH 7 9 = 2", "worked", "bigsmall", None),
 ])
 def test_parser_edge_cases(text, fmt, question, answer):

@@ -261,19 +261,19 @@ def test_evaluation_modes_change_the_forward(cards_task, cards_tok):
 # ----------------------------------------------------------------------------------------------
 
 def test_smoke_recipe_end_to_end_and_eval_routing(tmp_path, capsys):
-    assert main(["grpo", "stories-routing", "preset=smoke", f"out_dir={tmp_path}"]) == 0
-    run = tmp_path / "stories-routing-smoke_s0"
+    assert main(["grpo", "reward-hacking-routing", "preset=smoke", f"out_dir={tmp_path}"]) == 0
+    run = tmp_path / "reward-hacking-routing-smoke_s0"
     ckpt = run / "checkpoints" / "step-2"
     assert (ckpt / "dual_lora.safetensors").is_file()
     metrics = read_jsonl(run / "metrics.jsonl")
     steps = [m for m in metrics if "routing/flag_rate" in m]
     assert [m["step"] for m in steps] == [1, 2]
-    evals = [m for m in metrics if "routing_eval/retain_only/happy_count" in m]
+    evals = [m for m in metrics if "routing_eval/retain_only/happy_binary" in m]
     assert [m["step"] for m in evals] == [1, 2]
     for step in (1, 2):
         res = json.loads((run / "eval" / f"routing-step-{step}.json").read_text())
         assert {m: len(r["samples"]) for m, r in res["modes"].items()} == {"both": 8, "retain_only": 8, "forget_only": 8}
-        assert set(res["modes"]["both"]["rewards"]) == {"sentence_length_10_smooth", "happy_count"}
+        assert set(res["modes"]["both"]["rewards"]) == {"sentence_length_10_smooth", "happy_binary"}
     assert any(s.get("kind") == "routing_eval" for s in read_jsonl(run / "samples.jsonl"))
     # the checkpoint's plain model is the policy with both adapters merged
     saved = load_file(str(ckpt / "dual_lora.safetensors"))
@@ -294,3 +294,21 @@ def test_smoke_recipe_end_to_end_and_eval_routing(tmp_path, capsys):
     for mode in ("both", "retain_only", "forget_only"):
         assert res["modes"][mode]["samples"] == final["modes"][mode]["samples"]
         assert res["modes"][mode]["rewards"] == final["modes"][mode]["rewards"]
+
+
+def test_unflagged_baseline_recentres_only_the_unflagged_samples(tmp_path, cards_tok):
+    from mechrl.train.losses import kept_group_advantages
+
+    st, batch = _state(tmp_path, cards_tok, "routing.unflagged_baseline=true",
+                       "routing.detector={name: contains_word, params: {word: the}}")
+    G = st.cfg.train.num_generations
+    batch.texts = ["the cat", "a dog", "The end", "none"] * (len(batch.texts) // 4)
+    batch.rewards = torch.arange(batch.rewards.numel(), dtype=torch.float32) % 5
+    whole = batch.advantages = kept_group_advantages(batch.rewards, torch.ones_like(batch.rewards, dtype=torch.bool), G)
+    RoutingHooks(st.cfg).on_batch(st, batch)
+    flagged = batch.labels["flagged"]
+    assert 0 < flagged.sum() < flagged.numel()
+    torch.testing.assert_close(batch.advantages[flagged], whole[flagged])
+    own = kept_group_advantages(batch.rewards, ~flagged, G)
+    torch.testing.assert_close(batch.advantages[~flagged], own[~flagged])
+    assert not torch.allclose(own[~flagged], whole[~flagged])

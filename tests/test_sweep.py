@@ -163,16 +163,23 @@ def test_summary_reads_run_directories(recipe, tmp_path):
     a.write_eval(10, {"splits": {"test": {"accuracy": 0.75}, "ood_length": {"accuracy": 0.5}}})
     a.write_eval(9, {"splits": {"test": {"accuracy": 0.1}, "ood_length": {"accuracy": 0.1}}})
     a.log_metrics(5, {"reward/mean": 0.2})
+    for step in range(1, 13):  # a component: its mean over the last 10 logged steps (3..12)
+        a.log_metrics(step, {"reward/hack/mean": float(step), "reward/hack/std": 0.0})
     a.log_metrics(10, {"reward/mean": 0.6, "loss": 1.0})
     a.log_metrics(10, {"eval/test/accuracy": 0.75})
-    a.set_status("finished", train_time_s=12.5)
+    from mechrl.runs.rundir import atomic_write_json
+    atomic_write_json(a.eval_dir / "routing-step-4.json", {"modes": {"both": {"rewards": {"hack": 0.1}}}})
+    atomic_write_json(a.eval_dir / "routing-step-12.json", {"modes": {"both": {"rewards": {"hack": 0.9}},
+                                                                     "retain_only": {"rewards": {"hack": 0.2}}}})
+    a.set_status("finished", train_time_s=12.5, stopped_early={"step": 12})
     record = SweepRecord(plan, "local")
     assert [record.status(t) for t in plan.trials] == ["finished", "pending"]
     rows = summarize(plan, record)
     assert rows[0] == {"run": plan.trials[0].name, "status": "finished", "seed": 1, "eval_step": 10,
-                       "acc/test": 0.75, "acc/ood_length": 0.5, "reward/mean": 0.6, "train_time_s": 12.5}
+                       "acc/test": 0.75, "acc/ood_length": 0.5, "reward/mean": 0.6, "last10/hack": 7.5,
+                       "both/hack": 0.9, "retain_only/hack": 0.2, "stopped_at": 12, "train_time_s": 12.5}
     assert rows[1] == {"run": plan.trials[1].name, "status": "pending", "seed": 2, "eval_step": None,
-                       "reward/mean": None, "train_time_s": None}
+                       "reward/mean": None, "stopped_at": None, "train_time_s": None}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -81,8 +81,9 @@ class CardsTaskConfig(Strict):
     """The k of "cards above k" rules."""
     big_threshold: int = 1
     """BIG iff score >= big_threshold: the label on every example and the `ood_bigsmall` question."""
-    answer_format: Literal["worked", "direct"] = "worked"
-    """`direct`: the number alone. `worked`: the selected values and partial results, then the number."""
+    answer_format: Literal["worked", "running", "direct"] = "worked"
+    """`direct`: the number alone. `worked`: the selected values and partial results, then the number.
+    `running`: as worked, with each partial written as a running total (one addition per number)."""
     train_family_weights: dict[str, float] | None = None
     """Relative frequency of each ID family in the train split only (default 1 each); evaluated
     splits stay uniform. Lets a hard family get more of a small training budget."""
@@ -315,6 +316,28 @@ class LoraConfig(Strict):
     """None: the architecture's attention projections (GPT-2 c_attn/c_proj; Llama q/k/v/o_proj)."""
 
 
+class EarlyStopConfig(Strict):
+    """Stop a run when the moving average of a logged metric crosses a threshold: the run then
+    evaluates, checkpoints and finishes at that step (its final checkpoint). The metric must be
+    logged at every step (e.g. `detector/flag_rate` of `mitigation`, or `reward/<component>/mean`)."""
+
+    metric: str
+    above: float | None = None
+    """Stop when the moving average exceeds this."""
+    below: float | None = None
+    """Stop when the moving average falls under this."""
+    window: int = Field(1, ge=1)
+    """Steps in the moving average (the first check waits until it is full)."""
+    min_steps: int = Field(0, ge=0)
+    """Never stop before this step."""
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "EarlyStopConfig":
+        if (self.above is None) == (self.below is None):
+            raise ValueError("early_stop: give exactly one of `above` and `below`")
+        return self
+
+
 class RLCommon(Strict):
     """Fields every RL loop shares."""
 
@@ -342,6 +365,8 @@ class RLCommon(Strict):
     sample_every: int = Field(10, ge=1)
     """Write this step's first completions to samples.jsonl every this many steps."""
     n_samples: int = Field(4, ge=0)
+    early_stop: EarlyStopConfig | None = None
+    """Stop before `max_steps` when a logged metric crosses a threshold (None: never)."""
 
 
 class GRPOConfig(RLCommon):
@@ -416,6 +441,11 @@ class RoutingConfig(Strict):
     """None: the architecture's attention projections (as for LoRA)."""
     detector: dict[str, Any] | None = None
     """A `mechrl.rewards.detectors.DetectorSpec`: {name, params, coverage, label_noise, seed}."""
+    unflagged_baseline: bool = False
+    """Advantages of unflagged samples relative to the unflagged samples of their group only (flagged
+    samples keep the whole group's). With the whole group's baseline, the unflagged samples of a
+    group with rewarded hacks get negative advantages, which pushes the adapters they update away
+    from them, and so towards the hack."""
     eval_every: int = Field(50, ge=1)
     """Routing evaluation (both / retain-only / forget-only) every this many steps and at the end."""
     eval_rewards: list[RewardSpec] = []
@@ -441,14 +471,38 @@ class RoutingConfig(Strict):
         return v
 
 
+class MitigationConfig(Strict):
+    """Reward-hacking baselines on one policy, using a detector as gradient routing does (see
+    `mechrl.train.mitigation`): "filter" drops the flagged samples (from the loss and from their
+    group's advantage statistics); "penalty" subtracts `penalty` from a flagged sample's reward.
+    "none" with a detector only labels and logs (`detector/flag_rate`, e.g. for early stopping)."""
+
+    method: Literal["none", "filter", "penalty"] = "none"
+    detector: dict[str, Any] | None = None
+    """A `mechrl.rewards.detectors.DetectorSpec`: {name, params, coverage, label_noise, seed}."""
+    penalty: float = Field(1.0, gt=0)
+    """Subtracted from the total reward of each flagged sample ("penalty")."""
+
+    @field_validator("detector")
+    @classmethod
+    def _detector(cls, v):
+        return RoutingConfig._detector(v)
+
+
 class GRPORunConfig(RLRunConfig):
     kind: Literal["grpo"] = "grpo"
     train: GRPOConfig = GRPOConfig()
     routing: RoutingConfig = RoutingConfig()
+    mitigation: MitigationConfig = MitigationConfig()
 
     @model_validator(mode="after")
     def _check_routing(self) -> "GRPORunConfig":
-        r = self.routing
+        r, m = self.routing, self.mitigation
+        if m.method != "none" and m.detector is None:
+            raise ValueError(f"mitigation.method={m.method} needs mitigation.detector (e.g. {{name: contains_happy}})")
+        if r.enabled and m.detector is not None:
+            raise ValueError("routing.enabled and mitigation.detector are exclusive: routing runs its own "
+                             "detector (routing.detector); use one or the other")
         if r.enabled and r.detector is None:
             raise ValueError("routing.enabled needs routing.detector (e.g. {name: contains_happy}): "
                              "routing sends the samples it flags to the forget adapter")

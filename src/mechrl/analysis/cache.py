@@ -48,15 +48,24 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], device: torch.device | None
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
+class _CacheComplete(Exception):
+    """Raised by the last site's hook to end a forward pass whose output is not needed."""
+
+
 def run_with_cache(model: nn.Module, batch: Mapping[str, torch.Tensor], names: Sequence[str], *,
-                   grad: bool = False) -> tuple[object, dict[str, torch.Tensor]]:
+                   grad: bool = False, stop_early: bool = False) -> tuple[object, dict[str, torch.Tensor]]:
     """Run `model` on `batch` and return (output, cache: site name -> tensor).
 
     Tensors are as the sites see them ((B, T, D); heads (B, T, H, d_head)). With `grad=False` the pass
-    runs under `torch.no_grad()` and the cache holds detached tensors.
+    runs under `torch.no_grad()` and the cache holds detached tensors. With `stop_early` the forward
+    pass ends as soon as every site has fired (the layers after the deepest site never run) and the
+    output is None: extraction of early layers then costs only those layers.
     """
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate site names in {list(names)}")
+    if stop_early and grad:
+        raise ValueError("run_with_cache: stop_early=True ends the forward pass, so there is no output to "
+                         "differentiate; use grad=False")
     cache: dict[str, torch.Tensor] = {}
 
     def saver(name):
@@ -64,12 +73,20 @@ def run_with_cache(model: nn.Module, batch: Mapping[str, torch.Tensor], names: S
             if name in cache:  # a module called twice per forward would make the cache ambiguous
                 raise RuntimeError(f"site {name!r} fired twice in one forward pass")
             cache[name] = x if grad else x.detach()
+            if stop_early and len(cache) == len(names):
+                raise _CacheComplete()
         return fn
 
     device = next(model.parameters()).device
+    output = None
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         with hooks(model, {n: saver(n) for n in names}):
-            output = model(**prepare_batch(batch, device))
+            try:
+                output = model(**prepare_batch(batch, device))
+            except _CacheComplete:
+                pass
+    if stop_early and len(cache) != len(names):
+        raise RuntimeError(f"run_with_cache: sites {sorted(set(names) - set(cache))} never fired")
     return output, cache
 
 
@@ -129,7 +146,7 @@ def extract_activations(model: nn.Module, tokenizer, texts: Sequence[str], names
         for start in tqdm(range(0, len(texts), batch_size), desc="activations", disable=not progress):
             batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens)
-            _, cache = run_with_cache(model, batch, names)
+            _, cache = run_with_cache(model, batch, names, stop_early=True)  # no layer after the last site runs
             mask = batch["attention_mask"]
             if positions is not None:
                 rows = {n: select_positions(cache[n], mask, positions).to("cpu", dtype) for n in names}

@@ -14,6 +14,8 @@ as a fallback (it shifts logits; see TransformerLens's `fold_ln` / `center_unemb
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import tempfile
 from pathlib import Path
@@ -44,10 +46,12 @@ def to_transformer_lens(model: PreTrainedModel | str | Path, tokenizer=None, *, 
                         tokens: torch.Tensor | None = None, device: str | None = None):
     """A `TransformerBridge` over `model` (a model object or a checkpoint folder), checked against HF.
 
-    A model object is wrapped as it is, on its own device (`device`, if given, must be that one: the
-    bridge shares its modules, so moving it would move the caller's model); a folder is loaded in
-    float32 onto `device` (default cpu). A PEFT model is merged into a copy first (the bridge needs
-    plain modules; the copy computes what the adapted model computes). Raises
+    A model object is copied and the copy wrapped, on the model's own device (`device`, if given,
+    must be that one): building a bridge replaces the modules of the model it wraps (its state
+    dict gains keys, mechrl's module-path sites stop resolving), so the caller's model must never be
+    the one wrapped. A PEFT model is merged into the copy (the bridge needs plain modules; the copy
+    computes what the adapted model computes). A folder is loaded in float32 onto `device`
+    (default cpu). Raises
     `TransformerLensError` when the bridge cannot be built for the architecture or its logits differ
     from HF's by more than `atol` on `tokens` (default: a seeded random batch).
     """
@@ -65,12 +69,12 @@ def to_transformer_lens(model: PreTrainedModel | str | Path, tokenizer=None, *, 
     else:
         if tokenizer is None:
             raise ValueError("to_transformer_lens(model, tokenizer): a model object needs its tokenizer")
-        hf = merged_model(model) if unwrap(model) is not model else model
+        hf = merged_model(model) if unwrap(model) is not model else copy.deepcopy(model)
         own = next(hf.parameters()).device
         want = torch.device(device) if device is not None else own
         if want.type != own.type or (want.index is not None and want.index != own.index):
             raise ValueError(f"to_transformer_lens: the model is on {own}, device={device!r} was asked for; "
-                             "move the model first (the bridge shares its modules)")
+                             "move the model first")
         device = str(own)
         # TransformerLens reads config and tokenizer from a folder: save them next to the weights
         tmp = tempfile.TemporaryDirectory(prefix="mechrl-tl-")

@@ -313,9 +313,33 @@ def _last_metric(rows: list[dict], key: str) -> float | None:
     return None
 
 
+#: Reward components are summarised by their mean over this many last logged steps (one step's
+#: batch is noisy).
+LAST_STEPS = 10
+
+
+def _last_mean(rows: list[dict], key: str, n: int = LAST_STEPS) -> float | None:
+    vals = [r[key] for r in rows if key in r][-n:]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _final_routing_eval(run_dir: Path) -> dict[str, float]:
+    """The latest `eval/routing-step-N.json` of a routed run: {`<mode>/<component>`: mean}."""
+    evals = [(int(p.stem.removeprefix("routing-step-")), p) for p in (run_dir / "eval").glob("routing-step-*.json")
+             if p.stem.removeprefix("routing-step-").isdigit()]
+    if not evals:
+        return {}
+    modes = json.loads(max(evals)[1].read_text()).get("modes")
+    if not isinstance(modes, dict):
+        raise ValueError(f"{max(evals)[1]}: no 'modes' mapping (not a routing evaluation file?)")
+    return {f"{mode}/{name}": float(v) for mode, r in modes.items() for name, v in r["rewards"].items()}
+
+
 def summarize(plan: SweepPlan, record: SweepRecord) -> list[dict[str, Any]]:
     """One row per trial: run, status, grid values, the step of the latest evaluation, accuracy per
-    split there (`acc/<split>`), the last `reward/mean` (RL runs), and the training time."""
+    split there (`acc/<split>`), the last `reward/mean` (RL runs), each reward component's mean
+    over the last `LAST_STEPS` steps (`last10/<component>`), a routed run's final routing
+    evaluation (`<mode>/<component>`), the step an early stop ended the run at, and the training time."""
     rows = []
     for t in plan.trials:
         rd = RunDir(t.run_dir)
@@ -326,7 +350,13 @@ def summarize(plan: SweepPlan, record: SweepRecord) -> list[dict[str, Any]]:
         row.update({f"acc/{s}": a for s, a in acc.items()})
         metrics = rd.metrics()
         row["reward/mean"] = _last_metric(metrics, "reward/mean")
-        row["train_time_s"] = rd.status().get("train_time_s")
+        components = sorted({k for m in metrics for k in m
+                             if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2})
+        row.update({f"last{LAST_STEPS}/{k.split('/')[1]}": _last_mean(metrics, k) for k in components})
+        row.update(_final_routing_eval(t.run_dir))
+        status = rd.status()
+        row["stopped_at"] = (status.get("stopped_early") or {}).get("step")
+        row["train_time_s"] = status.get("train_time_s")
         rows.append(row)
     return rows
 

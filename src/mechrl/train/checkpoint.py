@@ -31,7 +31,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from mechrl.models.adapters import merged_model
-from mechrl.models.dual_lora import dual_lora_modules, merged_dual_lora, save_dual_lora
+from mechrl.models.dual_lora import dual_lora_modules, load_dual_lora, merged_dual_lora, save_dual_lora
 from mechrl.runs.rundir import RunDir, atomic_write_json
 
 PARTIAL_PREFIX = ".partial-"
@@ -90,7 +90,8 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torc
                     modules: dict[str, torch.nn.Module] | None = None, rank: int = 0) -> dict:
     """Restore optimizer, scheduler, RNG (and a LoRA adapter's weights) from `path`; returns the
     saved state dict (with `step`). Full-model weights are loaded by the caller with
-    `from_pretrained(path)` before the optimizer is built. `rank`: whose sampling-generator state
+    `from_pretrained(path)` before the optimizer is built; dual LoRA adapters (a routed run) are
+    loaded here into the policy, whose base the caller built from the run's config. `rank`: whose sampling-generator state
     to restore in a multi-process run."""
     res = path / "resume"
     if not (res / "state.json").is_file():
@@ -103,6 +104,11 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torc
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise RuntimeError(f"{adapter}: keys that match no adapter weight: {unexpected[:5]}")
+    if dual_lora_modules(policy):  # a routed run: the base stays as built, the adapters come back
+        dual = path / DUAL_LORA_FILE
+        if not dual.is_file():
+            raise FileNotFoundError(f"{path}: the run trains dual LoRA adapters but {dual} is missing")
+        load_dual_lora(policy, dual)
     for name, module in (modules or {}).items():
         f = res / f"{name}.safetensors"
         if not f.is_file():

@@ -66,6 +66,17 @@ class GRPOBatch:
     ref_logp: torch.Tensor | None = None  # (B, T); set when beta > 0
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample labels from hooks, (B,)
     examples: list[dict] = field(default_factory=list)  # the environment's example of each sample
+    keep: torch.Tensor | None = None  # (B,) bool: the rows the loss uses (None: all); filtering drops rows
+
+    def loss_rows(self) -> torch.Tensor:
+        """Indices (n,) of the rows the policy loss uses, on the CPU."""
+        B = self.rewards.numel()
+        if self.keep is None:
+            return torch.arange(B)
+        if self.keep.shape != (B,) or self.keep.dtype != torch.bool:
+            raise ValueError(f"GRPOBatch.keep must be a bool tensor of shape ({B},), got "
+                             f"{tuple(self.keep.shape)} {self.keep.dtype}")
+        return self.keep.cpu().nonzero().flatten()
 
 
 class GRPOHooks:
@@ -77,9 +88,13 @@ class GRPOHooks:
         return {}
 
     def partition(self, st: RLState, batch: GRPOBatch, size: int | None) -> list[slice | torch.Tensor]:
-        """The micro-batches of an update: slices or index tensors covering the batch once (at most
-        `size` each). Default: contiguous slices. Routing uses it for homogeneous micro-batches."""
-        return micro_batches(batch.rewards.numel(), size)
+        """The micro-batches of an update: slices or index tensors covering each of the batch's loss
+        rows (`batch.loss_rows()`, all rows unless a hook set `batch.keep`) once, at most `size` each.
+        Default: contiguous chunks. Routing uses it for homogeneous micro-batches."""
+        if batch.keep is None:
+            return micro_batches(batch.rewards.numel(), size)
+        rows = batch.loss_rows()
+        return [rows[s] for s in micro_batches(rows.numel(), size)] if rows.numel() else []
 
     def logprobs(self, st: RLState, batch: GRPOBatch, mb: slice | torch.Tensor) -> torch.Tensor:
         """Per-token log-probs (len(mb), T) of the policy on micro-batch `mb`, with gradients."""
@@ -132,10 +147,14 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
     equal) and the all-reduced token count / N. The returned loss and metrics are this process's;
     their mean over processes is the global batch's."""
     t = st.cfg.train
-    B = batch.rewards.numel()
-    mask = batch.completion_mask.float()  # (B, T)
+    rows = batch.loss_rows()  # (n,) the rows the loss uses: all, unless a hook dropped some (filtering)
+    B = rows.numel()
+    mask = batch.completion_mask.float()  # (B_all, T)
     world = st.dist.world
-    n_tokens = st.dist.sum(mask.sum()) / world if world > 1 else int(mask.sum().item())
+    if batch.keep is not None and world > 1:
+        raise RuntimeError("GRPO: dropping rows from the loss (batch.keep) runs in one process only; the "
+                           "processes' shares would no longer be equal")
+    n_tokens = st.dist.sum(mask.sum()) / world if world > 1 else int(mask[rows.to(mask.device)].sum().item())
     # old and reference log-probs, fixed for the whole step
     if t.num_iterations > 1:
         batch.old_logp = _logprobs_no_grad(st.policy, batch, t.temperature, micro_batch_size)
@@ -145,18 +164,23 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
 
     params = [p for p in st.policy.parameters() if p.requires_grad]
     loss_metrics: dict[str, torch.Tensor] = {}
+    if B == 0:  # every sample was dropped: nothing to learn from this batch, no optimiser step
+        st.scheduler.step()
+        return torch.zeros((), device=st.device), torch.zeros((), device=st.device), loss_metrics
     for _ in range(t.num_iterations):
         st.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=st.device)
         parts = hooks.partition(st, batch, micro_batch_size)
-        seen = torch.zeros(B, dtype=torch.long)
+        B_all = batch.rewards.numel()
+        seen = torch.zeros(B_all, dtype=torch.long)
         for mb in parts:  # index_add_ counts a row repeated within one index tensor
-            idx = torch.arange(B)[mb] if isinstance(mb, slice) else mb.cpu()
+            idx = torch.arange(B_all)[mb] if isinstance(mb, slice) else mb.cpu()
             seen.index_add_(0, idx, torch.ones_like(idx))
-        if not bool((seen == 1).all()):
+        want = torch.zeros(B_all, dtype=torch.long).index_fill_(0, rows, 1)
+        if not torch.equal(seen, want):
             raise RuntimeError(f"GRPO: the micro-batches of {type(hooks).__name__}.partition must cover each of the "
-                               f"{B} rows exactly once; rows covered 0 or >1 times: "
-                               f"{(seen != 1).nonzero().flatten().tolist()[:10]}")
+                               f"{B} loss rows exactly once and no dropped row; rows covered wrongly: "
+                               f"{(seen != want).nonzero().flatten().tolist()[:10]}")
         for mb in parts:
             logp = hooks.logprobs(st, batch, mb)  # (b, T)
             old = logp.detach() if batch.old_logp is None else batch.old_logp[mb]
@@ -167,7 +191,7 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
                                 total_sequences=B, total_tokens=n_tokens)
             loss.backward()
             total_loss = total_loss + loss.detach()
-            w = _rows(mb, B) / (B * t.num_iterations)  # metrics averaged by share of sequences
+            w = _rows(mb, B_all) / (B * t.num_iterations)  # metrics averaged by share of sequences
             for k, v in m.items():
                 loss_metrics[k] = loss_metrics.get(k, 0.0) + w * v.detach()
         st.dist.average_gradients(params)  # the global batch's gradient on every process
@@ -257,10 +281,15 @@ def run_grpo(cfg: GRPORunConfig, run: RunDir, *, model=None, tokenizer=None, tas
              hooks: GRPOHooks | None = None) -> Path:
     """Train with GRPO, checkpoint, evaluate; returns the final checkpoint. Resumes when `run`
     already holds checkpoints of this config. With `routing.enabled` (and no hooks given) this is
-    `mechrl.train.routing.run_routed_grpo`."""
+    `mechrl.train.routing.run_routed_grpo`; with a `mitigation.detector`,
+    `mechrl.train.mitigation.run_mitigated_grpo`."""
     if cfg.routing.enabled and hooks is None:
         from mechrl.train.routing import run_routed_grpo  # local: routing builds on this module
 
         return run_routed_grpo(cfg, run, model=model, tokenizer=tokenizer, task=task)
+    if cfg.mitigation.detector is not None and hooks is None:
+        from mechrl.train.mitigation import run_mitigated_grpo  # local: it builds on this module
+
+        return run_mitigated_grpo(cfg, run, model=model, tokenizer=tokenizer, task=task)
     return run_rl(cfg, run, "grpo", _step(hooks or GRPOHooks()), need_ref=cfg.train.beta > 0, model=model,
                   tokenizer=tokenizer, task=task)

@@ -156,6 +156,43 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
     return advantages, metrics
 
 
+def kept_group_advantages(rewards: torch.Tensor, keep: torch.Tensor, group_size: int,
+                          scale: str = "group") -> torch.Tensor:
+    """`group_advantages` as if the dropped samples had never been generated: each group's mean and
+    std come from its kept rows only (filtering a detector's flagged samples must not let them set
+    the baseline of the others). Dropped rows get advantage 0 (they are left out of the loss).
+
+    rewards, keep: (B,) with B = n_prompts * group_size; keep is bool. A group with one kept row
+    has std 0 (advantage 0), as a group of one does in `group_advantages`. With every row kept this
+    equals `group_advantages` (tests hold it)."""
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"kept_group_advantages: unknown scale {scale!r}; valid: {', '.join(REWARD_SCALES)}")
+    if rewards.dim() != 1 or keep.shape != rewards.shape or keep.dtype != torch.bool:
+        raise ValueError(f"kept_group_advantages: rewards (B,) and a bool keep (B,) are needed, got "
+                         f"{tuple(rewards.shape)} and {tuple(keep.shape)} {keep.dtype}")
+    B = rewards.shape[0]
+    if group_size < 1 or B % group_size != 0:
+        raise ValueError(f"kept_group_advantages: {B} rewards do not split into groups of {group_size}")
+    k = keep.to(rewards.dtype).view(-1, group_size)  # (n_prompts, G)
+    r = rewards.view(-1, group_size) * k
+    count = k.sum(1)  # (n_prompts,)
+    mean = r.sum(1) / count.clamp(min=1)
+    dev = (rewards.view(-1, group_size) - mean[:, None]) * k  # (n_prompts, G), 0 on dropped rows
+    group_std = torch.where(count > 1, ((dev ** 2).sum(1) / (count - 1).clamp(min=1)).sqrt(),
+                            torch.zeros_like(count))
+    if scale == "batch":
+        n = int(keep.sum())
+        kept = rewards[keep]
+        std = (kept.std(correction=1) if n > 1 else torch.zeros((), dtype=rewards.dtype,
+                                                                device=rewards.device)).expand(B)
+    else:
+        std = group_std.repeat_interleave(group_size)  # (B,)
+    adv = dev.flatten()
+    if scale != "none":
+        adv = adv / (std + ADV_EPS)
+    return adv * keep.to(rewards.dtype)
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               loss_type: str, epsilon_low: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
               ref_logp: torch.Tensor | None = None, kl_bias_correction: bool = True,

@@ -9,6 +9,7 @@ averaged over ranks, and only rank 0 evaluates and writes the run directory whil
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -22,11 +23,12 @@ from tqdm.auto import tqdm
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mechrl.config import RLRunConfig
+from mechrl.config import EarlyStopConfig, RLRunConfig
 from mechrl.envs import EnvItem, TextEnv, build_env
 from mechrl.errors import UserError
 from mechrl.evaluate import evaluate, flat_metrics
 from mechrl.models.adapters import add_lora, frozen_copy, trainable_parameters
+from mechrl.models.dual_lora import dual_lora_modules
 from mechrl.models.loading import load_model, load_pretrained
 from mechrl.runs.report import write_run_report
 from mechrl.runs.rundir import RunDir
@@ -125,8 +127,9 @@ def setup_rl(cfg: RLRunConfig, run: RunDir, *, need_ref: bool, model=None, token
     device = next(model.parameters()).device
     dist = dist or Dist.single(device)
     ref = frozen_copy(model) if need_ref and t.lora is None else None
-    if latest is not None and t.lora is None:
+    if latest is not None and t.lora is None and not dual_lora_modules(model):
         # full fine-tuning resumes from the checkpoint's weights; the reference stays the initial model
+        # (LoRA and dual LoRA runs keep the base as built and reload their adapters in load_checkpoint)
         model, _ = load_pretrained(latest[1], dtype=cfg.model.dtype, device=str(device))
     policy = add_lora(model, t.lora) if t.lora is not None else model
     policy.train()
@@ -238,6 +241,34 @@ class Timer:
 StepFn = Callable[[RLState, Timer, int], tuple[dict[str, float], list[dict], int]]
 
 
+class EarlyStopper:
+    """`train.early_stop`: the moving average of a logged metric against a threshold. Its window
+    lives in the run's checkpointed extras, so a resumed run decides as an uninterrupted one would."""
+
+    def __init__(self, cfg: EarlyStopConfig, extra: dict):
+        self.cfg = cfg
+        self.extra = extra
+
+    def check(self, step: int, metrics: dict[str, float]) -> dict | None:
+        """Record this step's value; returns the stop record when the run should stop here."""
+        c = self.cfg
+        if c.metric not in metrics:
+            close = difflib.get_close_matches(c.metric, list(metrics), n=5, cutoff=0.4)
+            raise UserError(f"train.early_stop.metric: {c.metric!r} is not logged at step {step} (it must be "
+                            f"logged every step); close: {close or sorted(metrics)[:8]}")
+        window = self.extra.setdefault("early_stop_window", [])
+        window.append(float(metrics[c.metric]))
+        del window[:-c.window]
+        if len(window) < c.window or step < c.min_steps:
+            return None
+        avg = sum(window) / len(window)
+        crossed = (c.above is not None and avg > c.above) or (c.below is not None and avg < c.below)
+        if not crossed:
+            return None
+        return {"step": step, "metric": c.metric, "moving_average": avg, "window": c.window,
+                "above": c.above, "below": c.below}
+
+
 def run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_ref: bool, model=None,
            tokenizer=None, task: Task | None = None, make_modules=None) -> Path:
     """The outer loop every RL algorithm shares: set up or resume, evaluate the starting point,
@@ -250,9 +281,10 @@ def run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_re
         torch.manual_seed(cfg.seed)
         st = setup_rl(cfg, run, need_ref=need_ref, model=model, tokenizer=tokenizer, task=task,
                       make_modules=make_modules)
-        if st.start_step >= t.max_steps:
+        if st.start_step >= t.max_steps or "stopped_early" in st.extra:
             log.info("already finished: %s", run.checkpoint_path(st.start_step))
             return run.checkpoint_path(st.start_step)
+        stopper = EarlyStopper(t.early_stop, st.extra) if t.early_stop is not None else None
         main = st.dist.is_main
         if main:
             run.set_status("running", kind=kind)
@@ -271,20 +303,30 @@ def run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_re
             metrics["time/step_s"] = step_s
             metrics["throughput/tokens_per_s"] = n_tokens / max(step_s, 1e-9)
             st.extra["train_time_s"] = st.extra.get("train_time_s", 0.0) + step_s  # saved with checkpoints
-            if main and (step % t.log_every == 0 or step == t.max_steps):
+            stop = stopper.check(step, metrics) if stopper is not None else None
+            if stop is not None:
+                st.extra["stopped_early"] = stop  # saved with this step's checkpoint: a rerun stays stopped
+            final = step == t.max_steps or stop is not None
+            if main and (step % t.log_every == 0 or final):
                 run.log_metrics(step, metrics)
             if main and step % t.sample_every == 0 and t.n_samples:
                 run.log_samples(samples[:t.n_samples])
-            final = step == t.max_steps
             # evaluate before checkpointing: a kill between the two redoes the step's evaluation
             if main and (step % t.eval_every == 0 or final):
                 evaluate_and_log(st, step, final=final)
             if step % t.save_every == 0 or step % t.eval_every == 0 or final:
                 checkpoint(st, step)  # collective: the other ranks wait here for rank 0's evaluation
-        final_path = run.checkpoint_path(t.max_steps)
+            if stop is not None:
+                log.warning("early stop at step %d: the %d-step mean of %s is %.4g (%s %g)", step, stop["window"],
+                            stop["metric"], stop["moving_average"], "above" if stop["above"] is not None else "below",
+                            stop["above"] if stop["above"] is not None else stop["below"])
+                break
+        last = st.extra["stopped_early"]["step"] if "stopped_early" in st.extra else t.max_steps
+        final_path = run.checkpoint_path(last)
         if main:
             run.set_status("finished", kind=kind, final_checkpoint=str(final_path),
-                           train_time_s=st.extra.get("train_time_s", 0.0))
+                           train_time_s=st.extra.get("train_time_s", 0.0),
+                           stopped_early=st.extra.get("stopped_early"))
             write_run_report(run.path)
         return final_path
     finally:

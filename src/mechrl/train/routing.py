@@ -20,8 +20,8 @@ The evaluation (`evaluate_routing`) samples completions with both adapters (1, 1
 fraction, mean pairwise Jaccard similarity of word sets) and a degeneracy flag. Successful routing:
 retain-only keeps the task reward of both and loses the hack; forget-only keeps the hack.
 
-    mechrl grpo recipes/stories-routing.yaml preset=smoke
-    mechrl eval-routing runs/stories-routing-smoke_s0/checkpoints/step-4 --n 32
+    mechrl grpo reward-hacking-routing preset=smoke
+    mechrl eval-routing runs/reward-hacking-routing-smoke_s0/checkpoints/step-2 --n 32
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from mechrl.config import GRPORunConfig, RewardSpec, RoutingConfig, build_config
 from mechrl.errors import UserError
 from mechrl.models.dual_lora import (add_dual_lora, block_gradients, dual_lora_modules, load_dual_lora,
                                      scales)
-from mechrl.rewards.detectors import DetectorSpec, build_detector
 from mechrl.rewards.registry import Reward, build_reward
 from mechrl.runs.rundir import RunDir, atomic_write_json
 from mechrl.tasks import build_task
 from mechrl.train.checkpoint import DUAL_LORA_FILE
-from mechrl.train.grpo import GRPOBatch, GRPOHooks, run_grpo
+from mechrl.train.detect import DetectorHooks
+from mechrl.train.grpo import GRPOBatch, run_grpo
+from mechrl.train.losses import kept_group_advantages
 from mechrl.train.rlcommon import RLState, micro_batches
 from mechrl.train.rollout import encode_prompts, generate
 
@@ -60,34 +61,30 @@ DEGENERATE_UNIQUE = 0.5
 # Routed updates
 # ----------------------------------------------------------------------------------------------
 
-class RoutingHooks(GRPOHooks):
+class RoutingHooks(DetectorHooks):
     """GRPO hooks that label each batch with a detector and route gradients between the adapters."""
+
+    prefix = "routing"
 
     def __init__(self, cfg: GRPORunConfig):
         r = cfg.routing
         if not r.enabled or r.detector is None:
             raise ValueError("RoutingHooks: routing.enabled with a routing.detector is required")
+        super().__init__(r.detector, single_process_reason="gradient routing")
         self.cfg = cfg
         self.routing: RoutingConfig = r
-        self.detector = build_detector(DetectorSpec.model_validate(r.detector))
         self.eval_rewards = eval_reward_components(cfg)
 
     # -- labels ------------------------------------------------------------------------------------
     def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
         _check_policy(st.policy)
-        if st.dist.world != 1:
-            raise RuntimeError("gradient routing runs in one process for now (this launch has "
-                               f"{st.dist.world}); run it without accelerate launch")
-        lab = self.detector.labels(batch.prompts, batch.texts, batch.examples)
-        flagged = torch.tensor(lab.reported, dtype=torch.bool, device=st.device)  # (B,)
-        hack = torch.tensor(lab.raw, dtype=torch.bool, device=st.device)  # (B,) unnoised detector
-        batch.labels["flagged"], batch.labels["hack"] = flagged, hack
-        f, h = flagged.float(), hack.float()
-        return {"routing/flag_rate": f.mean().item(), "routing/true_hack_rate": h.mean().item(),
-                "routing/label_agreement": (flagged == hack).float().mean().item(),
-                # of the true hacks, the share routed to the forget adapter (recall) and vice versa
-                "routing/flag_recall": (f * h).sum().item() / max(h.sum().item(), 1.0),
-                "routing/flag_precision": (f * h).sum().item() / max(f.sum().item(), 1.0)}
+        metrics = self.label(st, batch)
+        if self.routing.unflagged_baseline:
+            t = self.cfg.train
+            unflagged = ~batch.labels["flagged"]
+            own = kept_group_advantages(batch.rewards, unflagged, t.num_generations, t.scale_rewards)  # (B,)
+            batch.advantages = torch.where(unflagged, own, batch.advantages)
+        return metrics
 
     # -- micro-batches and masks -----------------------------------------------------------------
     def partition(self, st: RLState, batch: GRPOBatch, size: int | None) -> list[torch.Tensor]:
@@ -156,15 +153,14 @@ def _check_policy(policy: torch.nn.Module) -> None:
 
 def run_routed_grpo(cfg: GRPORunConfig, run: RunDir, *, model=None, tokenizer=None, task=None) -> Path:
     """GRPO with gradient routing: the model (from the config unless given) gets dual LoRA adapters,
-    `RoutingHooks` label and route each batch. Returns the final checkpoint."""
+    `RoutingHooks` label and route each batch. Returns the final checkpoint. A run with checkpoints
+    resumes from the last: the base is rebuilt from the config and the adapters, optimizer, RNG
+    and detector states come back from the checkpoint."""
     from mechrl.models.loading import load_model
 
     r = cfg.routing
     if not r.enabled:
         raise ValueError("run_routed_grpo: routing.enabled is false")
-    if run.latest_checkpoint() is not None:
-        raise UserError(f"{run.path} holds checkpoints; resuming a routed run is not supported yet "
-                        "(start over with --force)")
     task = task or build_task(cfg.task)
     if model is None:
         model, tokenizer = load_model(cfg.model, task, seed=cfg.seed)

@@ -105,11 +105,22 @@ def format_prompt(rule_text: str, cards: list[Card], template: str, question: st
     return "\n".join(lines)
 
 
-def worked_steps(rule: Rule, result: Score) -> str:
-    """`RED 3 7 = 10 ; BLUE 5 = 5 ; 10 - 5 = 5` (no leading space)."""
+def worked_steps(rule: Rule, result: Score, running: bool = False) -> str:
+    """`RED 3 7 = 10 ; BLUE 5 = 5 ; 10 - 5 = 5` (no leading space). With `running`, each selection's
+    result is written as its running total, one number per selected card: `RED 3 7 = 3 10`
+    (a count runs `HIGH 7 9 = 1 2`); an empty selection is `BLUE = 0`."""
     steps = []
     for sel, vals, part in zip(rule.selectors, result.selected, result.partials):
-        steps.append(" ".join([sel.tag, *map(str, vals), "=", str(part)]))
+        totals = [str(part)]
+        if running and vals:
+            counted = rule.aggregate == "count"
+            acc, totals = 0, []
+            for v in vals:
+                acc += 1 if counted else v
+                totals.append(str(acc))
+            if acc != part:
+                raise AssertionError(f"running total {acc} != partial {part} for {sel.tag} {vals}")
+        steps.append(" ".join([sel.tag, *map(str, vals), "=", *totals]))
     if rule.b is not None:
         steps.append(f"{result.partials[0]} - {result.partials[1]} = {result.score}")
     return " ; ".join(steps)
@@ -125,8 +136,8 @@ def format_answer(rule: Rule, result: Score, answer_format: str, question: str, 
         raise ValueError(f"unknown question {question!r}")
     if answer_format == "direct":
         return " " + gold, gold
-    if answer_format == "worked":
-        steps = worked_steps(rule, result)
+    if answer_format in ("worked", "running"):
+        steps = worked_steps(rule, result, running=answer_format == "running")
         return " " + (steps if question == "score" else f"{steps} ; {gold}"), gold
     raise ValueError(f"unknown answer_format {answer_format!r}")
 
@@ -140,11 +151,15 @@ _NAT = r"(?:0|[1-9][0-9]*)"
 _SEL_STEP = rf"[A-Z]+(?: [0-9])* = {_NAT}"
 _DIFF_STEP = rf"{_NAT} - {_NAT} = {_INT}"
 _WORKED = rf"{_SEL_STEP}(?: ; {_SEL_STEP})*(?: ; {_DIFF_STEP})?"
+_RUN_STEP = rf"[A-Z]+(?: [0-9])* =(?: {_NAT})+"
+_RUNNING = rf"{_RUN_STEP}(?: ; {_RUN_STEP})*(?: ; {_DIFF_STEP})?"
 _PATTERNS = {
     ("direct", "score"): re.compile(rf"^({_INT})$"),
     ("direct", "bigsmall"): re.compile(r"^(BIG|SMALL)$"),
     ("worked", "score"): re.compile(rf"^{_WORKED}$"),
     ("worked", "bigsmall"): re.compile(rf"^{_WORKED} ; (BIG|SMALL)$"),
+    ("running", "score"): re.compile(rf"^{_RUNNING}$"),
+    ("running", "bigsmall"): re.compile(rf"^{_RUNNING} ; (BIG|SMALL)$"),
 }
 
 
@@ -167,7 +182,7 @@ def parse_answer(completion: str, answer_format: str, question: str = "score") -
         return Parsed(None, True)
     if answer_format == "direct" or question == "bigsmall":
         return Parsed(m.group(1), False)
-    return Parsed(text.rsplit("= ", 1)[1], False)
+    return Parsed(text.rsplit(" ", 1)[1], False)  # the last number: after the last `=`, or a running total
 
 
 def vocabulary(colors: list[str]) -> list[str]:

@@ -1,0 +1,64 @@
+"""GRPO hooks that run a reward-hacking detector on every batch: the shared base of gradient
+routing (`routing.py`) and of the detector baselines, filtering and penalty (`mitigation.py`).
+
+Each step the detector labels the batch's completions (`mechrl.rewards.detectors`: the raw flags,
+taken as the true hack labels, and the reported ones after coverage and label noise). The labels
+go to `batch.labels["flagged"]` (what training may use) and `batch.labels["hack"]` (raw, for
+measurement only), and their rates are logged under `<prefix>/`:
+
+    flag_rate        share of samples reported flagged
+    true_hack_rate   share of samples the detector itself flags (before coverage and noise)
+    label_agreement  share where the two agree
+    flag_recall      of the true hacks, the share reported
+    flag_precision   of the reported, the share that are true hacks
+
+The detector's random state (for coverage and noise) is kept in the run's checkpointed extras,
+so a resumed run reports exactly the labels an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mechrl.rewards.detectors import DetectorSpec, build_detector
+from mechrl.train.grpo import GRPOBatch, GRPOHooks
+from mechrl.train.rlcommon import RLState
+
+_STATE_KEY = "detector_state"
+
+
+class DetectorHooks(GRPOHooks):
+    """Labels each batch with a detector; subclasses decide what the labels do to the update."""
+
+    #: namespace of the logged label metrics
+    prefix = "detector"
+
+    def __init__(self, detector: dict, *, single_process_reason: str):
+        self.detector = build_detector(DetectorSpec.model_validate(detector))
+        self._single = single_process_reason
+        self._restored = False
+
+    def label(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
+        """Set batch.labels["flagged"] and ["hack"] (bool, (B,)); returns the label metrics."""
+        if st.dist.world != 1:
+            raise RuntimeError(f"{self._single} runs in one process for now (this launch has "
+                               f"{st.dist.world}); run it without accelerate launch")
+        if not self._restored:  # a resumed run continues the detector's random stream where it stopped
+            saved = st.extra.get(_STATE_KEY)
+            if saved is not None:
+                self.detector.load_state_dict(saved)
+            self._restored = True
+        lab = self.detector.labels(batch.prompts, batch.texts, batch.examples)
+        st.extra[_STATE_KEY] = self.detector.state_dict()
+        flagged = torch.tensor(lab.reported, dtype=torch.bool, device=st.device)  # (B,)
+        hack = torch.tensor(lab.raw, dtype=torch.bool, device=st.device)  # (B,) unnoised detector
+        batch.labels["flagged"], batch.labels["hack"] = flagged, hack
+        f, h = flagged.float(), hack.float()
+        p = self.prefix
+        return {f"{p}/flag_rate": f.mean().item(), f"{p}/true_hack_rate": h.mean().item(),
+                f"{p}/label_agreement": (flagged == hack).float().mean().item(),
+                f"{p}/flag_recall": (f * h).sum().item() / max(h.sum().item(), 1.0),
+                f"{p}/flag_precision": (f * h).sum().item() / max(f.sum().item(), 1.0)}
+
+    def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
+        return self.label(st, batch)
