@@ -226,3 +226,61 @@ def test_plots_are_labelled_pngs(tmp_path):
     assert [t.get_text() for t in figs["importance"].axes[0].get_xticklabels()] == ["0", "1", "MLP"]
     with pytest.raises(ValueError, match="nothing to plot"):
         jaccard_bar({})
+
+
+def mlp_down(model, layer):
+    """The MLP's output projection of `layer` (input: the neurons, (B, T, d_mlp))."""
+    if model.config.model_type == "gpt2":
+        return model.transformer.h[layer].mlp.c_proj
+    return model.model.layers[layer].mlp.down_proj
+
+
+def test_neuron_names_and_site(tiny_model, cards_tok, examples):
+    from mechrl.analysis.ablation import mlp_width, neurons
+
+    d_mlp = mlp_width(tiny_model)
+    assert d_mlp == mlp_down(tiny_model, 0).weight.shape[1 if tiny_model.config.model_type != "gpt2" else 0]
+    assert parse_component("L1N5", tiny_model) == ("mlp_post.1", 1, 5)
+    with pytest.raises(ValueError, match="outside the model"):
+        parse_component(f"L0N{d_mlp}", tiny_model)
+    assert neurons(tiny_model, layers=[1])[:2] == ["L1N0", "L1N1"] and len(neurons(tiny_model)) == 2 * d_mlp
+    assert len(components(tiny_model, neurons=True)) == 2 * (H + 1 + d_mlp)
+    # the site is the input of the MLP's output projection: projecting it gives mlp_out
+    model = tiny_model.eval()
+    batch = prepare_batch(encode_examples(cards_tok, examples[:3]))
+    _, cache = run_with_cache(model, batch, ["mlp_post.0", "mlp_out.0"])
+    assert cache["mlp_post.0"].shape[-1] == d_mlp
+    with torch.no_grad():
+        torch.testing.assert_close(mlp_down(model, 0)(cache["mlp_post.0"]), cache["mlp_out.0"])
+
+
+def test_zero_neuron_ablation_equals_hand_computation(tiny_model, cards_tok, examples):
+    model = tiny_model.eval()
+    enc = encode_examples(cards_tok, examples[:3])
+    batch = prepare_batch(enc)
+    _, clean = run_with_cache(model, batch, ["mlp_post.1"])
+    h = clean["mlp_post.1"].clone()  # (B, T, d_mlp)
+    h[:, :, [3, 7]] = 0
+    with torch.no_grad():
+        by_hand = mlp_down(model, 1)(h)  # the MLP output with neurons 3 and 7 silenced
+    with hooks(model, ablation_hooks(model, ["L1N3", "L1N7"], "zero", enc["attention_mask"])):
+        _, abl = run_with_cache(model, batch, ["mlp_out.1"])
+    torch.testing.assert_close(abl["mlp_out.1"], by_hand)
+
+
+def test_dead_neuron_has_zero_importance_and_arrays_hold_neurons(tiny_model, cards_tok, examples):
+    import copy
+
+    model = copy.deepcopy(tiny_model).eval()
+    down = mlp_down(model, 0)
+    with torch.no_grad():  # neuron 2's outgoing weights are zero: ablating it cannot change anything
+        if model.config.model_type == "gpt2":
+            down.weight[2, :] = 0  # Conv1D: weight (in, out)
+        else:
+            down.weight[:, 2] = 0  # Linear: weight (out, in)
+    res = ablation_importance(model, cards_tok, examples[:4], names=["L0N2", "L0N5", "L1MLP"])
+    assert res["importance"]["L0N2"] == 0.0
+    assert res["neurons"].shape == (2, res["neurons"].shape[1])
+    assert res["neurons"][0, 2] == 0.0 and res["neurons"][0, 5] == res["importance"]["L0N5"]
+    assert np.isnan(res["neurons"][1]).all() and res["mlp"][1] == res["importance"]["L1MLP"]
+    assert "neurons" not in ablation_importance(model, cards_tok, examples[:2], names=["L0MLP"])

@@ -1,7 +1,9 @@
-"""Ablation of attention heads and MLPs: importance per component, top-k sets, Jaccard overlap.
+"""Ablation of attention heads, MLPs and MLP neurons: importance per component, top-k sets, Jaccard overlap.
 
 A component is named `L{l}H{h}` (head h of block l: its slice of `heads.{l}`, the input of the output
-projection) or `L{l}MLP` (`mlp_out.{l}`). Ablating replaces the component's output with
+projection), `L{l}MLP` (`mlp_out.{l}`) or `L{l}N{n}` (neuron n of block l's MLP: its slice of
+`mlp_post.{l}`, the MLP's hidden activation before its output projection). Ablating replaces the
+component's output with
 
     zero       0
     mean       its mean over every real token of a reference set of prompts (one vector per component)
@@ -19,8 +21,10 @@ teacher-forced metrics over the gold completion (prompt + completion + EOS in on
     imp = ablation_importance(model, tok, examples, mode="mean", reference=prompts)
     imp["heads"]  # (L, H) importance;  imp["mlp"]  # (L,)
     jaccard(top_k(imp_sft, 5), top_k(imp_rl, 5))
+    imp = ablation_importance(model, tok, examples, names=neurons(model, layers=[0]))
+    imp["neurons"]  # (L, d_mlp) importance, NaN where not evaluated
 
-Neurons are not ablated individually (heads and MLPs only).
+Neurons are opt-in (`components(..., neurons=True)` or `neurons(...)`): one forward pass per neuron.
 """
 
 from __future__ import annotations
@@ -34,34 +38,62 @@ import torch
 from torch import nn
 
 from mechrl.analysis.cache import extract_activations, position_ids_from_mask, prepare_batch
-from mechrl.analysis.hooks import _n_heads, hooks, n_layers
+from mechrl.analysis.hooks import _n_heads, hooks, n_layers, unwrap
 
 Mode = Literal["zero", "mean", "mean_pos"]
 METRICS = ("token_acc", "exact", "logprob")
-_NAME = re.compile(r"^L(\d+)(?:H(\d+)|(MLP))$")
+_NAME = re.compile(r"^L(\d+)(?:H(\d+)|(MLP)|N(\d+))$")
 
 
-def components(model: nn.Module, *, heads: bool = True, mlps: bool = True) -> list[str]:
-    """Every component name of `model`, block by block (heads first in each block)."""
+def mlp_width(model: nn.Module) -> int:
+    """Neurons per MLP (d_mlp), from the model config."""
+    cfg = unwrap(model).config
+    n = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+    if n is None and getattr(cfg, "model_type", None) == "gpt2":
+        n = 4 * cfg.n_embd  # GPT-2's default when n_inner is None
+    assert n is not None, f"{type(model).__name__}: config gives no MLP width (intermediate_size / n_inner)"
+    return int(n)
+
+
+def neurons(model: nn.Module, layers: Sequence[int] | None = None) -> list[str]:
+    """`L{l}N{n}` for every neuron of the given layers' MLPs (default: every layer)."""
+    layers = range(n_layers(model)) if layers is None else layers
+    return [f"L{layer}N{n}" for layer in layers for n in range(mlp_width(model))]
+
+
+def components(model: nn.Module, *, heads: bool = True, mlps: bool = True, neurons: bool = False) -> list[str]:
+    """Every component name of `model`, block by block (heads first in each block, then the MLP,
+    then, with `neurons`, each MLP neuron)."""
     L, H = n_layers(model), _n_heads(model)
+    width = mlp_width(model) if neurons else 0
     out = []
     for layer in range(L):
         out += [f"L{layer}H{h}" for h in range(H)] if heads else []
         out += [f"L{layer}MLP"] if mlps else []
+        out += [f"L{layer}N{n}" for n in range(width)]
     return out
 
 
 def parse_component(name: str, model: nn.Module | None = None) -> tuple[str, int, int | None]:
-    """`L3H2` -> ("heads.3", 3, 2); `L1MLP` -> ("mlp_out.1", 1, None). Checks ranges when `model` is given."""
+    """(site, layer, index): `L3H2` -> ("heads.3", 3, 2); `L1MLP` -> ("mlp_out.1", 1, None);
+    `L0N17` -> ("mlp_post.0", 0, 17). Checks ranges when `model` is given."""
     m = _NAME.match(name)
     if m is None:
-        raise ValueError(f"bad component name {name!r}: expected L<layer>H<head> or L<layer>MLP")
-    layer, head = int(m.group(1)), (None if m.group(3) else int(m.group(2)))
+        raise ValueError(f"bad component name {name!r}: expected L<layer>H<head>, L<layer>MLP or L<layer>N<neuron>")
+    layer = int(m.group(1))
+    if m.group(3):
+        site, index = f"mlp_out.{layer}", None
+    elif m.group(4) is not None:
+        site, index = f"mlp_post.{layer}", int(m.group(4))
+    else:
+        site, index = f"heads.{layer}", int(m.group(2))
     if model is not None:
-        L, H = n_layers(model), _n_heads(model)
-        if layer >= L or (head is not None and head >= H):
-            raise ValueError(f"component {name!r} is outside the model ({L} layers, {H} heads)")
-    return (f"mlp_out.{layer}" if head is None else f"heads.{layer}"), layer, head
+        L = n_layers(model)
+        bound = None if index is None else (mlp_width(model) if site.startswith("mlp_post") else _n_heads(model))
+        if layer >= L or (bound is not None and index >= bound):
+            raise ValueError(f"component {name!r} is outside the model ({L} layers, {_n_heads(model)} heads, "
+                             f"{mlp_width(model)} MLP neurons)")
+    return site, layer, index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +172,9 @@ def ablation_hooks(model: nn.Module, names: Sequence[str], mode: Mode, attention
             v = value(site, x)
             if heads_here == [None]:
                 return v
-            assert None not in heads_here, f"{site}: an MLP component on a heads site"
+            assert None not in heads_here, f"{site}: a whole-MLP component on a heads or neuron site"
             x = x.clone()
-            x[:, :, heads_here] = v[:, :, heads_here]  # x: (B, T, H, d_head)
+            x[:, :, heads_here] = v[:, :, heads_here]  # heads (B, T, H, d_head); neurons (B, T, d_mlp)
             return x
         return fn
 
@@ -216,7 +248,8 @@ def ablation_importance(model: nn.Module, tokenizer, examples: Sequence[Mapping]
 
     Returns {"base": {metric: mean}, "ablated": {component: {metric: mean}}, "importance": {component:
     base - ablated for `metric`}, "heads": (L, H), "mlp": (L,) importance arrays (NaN for components
-    not evaluated), "mode", "metric", "n_examples"}.
+    not evaluated), "neurons": (L, d_mlp) when any neuron was evaluated, "mode", "metric",
+    "n_examples"}.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown ablation metric {metric!r}; known: {METRICS}")
@@ -232,19 +265,27 @@ def ablation_importance(model: nn.Module, tokenizer, examples: Sequence[Mapping]
     base = {m: float(v.mean()) for m, v in base_scores.items()}
     L, H = n_layers(model), _n_heads(model)
     heads, mlp = np.full((L, H), np.nan), np.full(L, np.nan)
+    neuron = None  # (L, d_mlp), only when a neuron is evaluated
     ablated, importance = {}, {}
     for c in names:
         s = teacher_forced_scores(model, tokenizer, examples, ablate=[c], mode=mode, means=means,
                                   batch_size=batch_size, add_eos=add_eos)
         ablated[c] = {m: float(v.mean()) for m, v in s.items()}
         importance[c] = base[metric] - ablated[c][metric]
-        _, layer, head = parse_component(c)
-        if head is None:
+        site, layer, index = parse_component(c)
+        if index is None:
             mlp[layer] = importance[c]
+        elif site.startswith("mlp_post"):
+            if neuron is None:
+                neuron = np.full((L, mlp_width(model)), np.nan)
+            neuron[layer, index] = importance[c]
         else:
-            heads[layer, head] = importance[c]
-    return {"mode": mode, "metric": metric, "n_examples": len(examples), "base": base, "ablated": ablated,
-            "importance": importance, "heads": heads, "mlp": mlp}
+            heads[layer, index] = importance[c]
+    out = {"mode": mode, "metric": metric, "n_examples": len(examples), "base": base, "ablated": ablated,
+           "importance": importance, "heads": heads, "mlp": mlp}
+    if neuron is not None:
+        out["neurons"] = neuron
+    return out
 
 
 def importance_by_split(model: nn.Module, tokenizer, splits: Mapping[str, Sequence[Mapping]], **kw) -> dict[str, dict]:

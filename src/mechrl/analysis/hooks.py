@@ -12,6 +12,8 @@ A *site* is a place in the forward pass whose tensor can be read or replaced. Tw
         mlp_out.{L}        MLP output                                    (B, T, D)
         heads.{L}          every head's output BEFORE the output projection
                            (input of c_proj / o_proj, split per head)    (B, T, H, d_head)
+        mlp_post.{L}       the MLP's hidden activations (its neurons), the input of its
+                           output projection (c_proj / down_proj)        (B, T, d_mlp)
         head_out.{L}.{H}   one head's slice of `heads.{L}`               (B, T, d_head)
 
 On a `peft.PeftModel` names resolve through `base_model.model`, so the same names work with
@@ -50,6 +52,7 @@ ARCH_SITES: dict[str, dict] = {
             "attn_out": ("transformer.h.{L}.attn", "output"),
             "mlp_out": ("transformer.h.{L}.mlp", "output"),
             "heads": ("transformer.h.{L}.attn.c_proj", "input"),
+            "mlp_post": ("transformer.h.{L}.mlp.c_proj", "input"),
         },
     },
     "llama": {
@@ -60,6 +63,7 @@ ARCH_SITES: dict[str, dict] = {
             "attn_out": ("model.layers.{L}.self_attn", "output"),
             "mlp_out": ("model.layers.{L}.mlp", "output"),
             "heads": ("model.layers.{L}.self_attn.o_proj", "input"),
+            "mlp_post": ("model.layers.{L}.mlp.down_proj", "input"),
         },
     },
 }
