@@ -191,6 +191,12 @@ def test_on_batch_labels_with_the_detector(tmp_path, cards_tok):
     metrics = RoutingHooks(st.cfg).on_batch(st, batch)
     assert batch.labels["flagged"].tolist() == [True, False, True, False] * (len(batch.texts) // 4)
     assert metrics["routing/flag_rate"] == 0.5 and metrics["routing/true_hack_rate"] == 0.5
+    assert metrics["routing/flag_recall"] == 1.0 and metrics["routing/flag_precision"] == 1.0
+    # nothing flagged and no true hack: recall and precision are undefined, so they are not logged as 0
+    batch.texts = ["a dog"] * len(batch.texts)
+    metrics = RoutingHooks(st.cfg).on_batch(st, batch)
+    assert metrics["routing/flag_rate"] == 0.0
+    assert "routing/flag_recall" not in metrics and "routing/flag_precision" not in metrics
 
 
 def test_config_and_policy_checks(tmp_path, cards_tok):

@@ -9,8 +9,8 @@ measurement only), and their rates are logged under `<prefix>/`:
     flag_rate        share of samples reported flagged
     true_hack_rate   share of samples the detector itself flags (before coverage and noise)
     label_agreement  share where the two agree
-    flag_recall      of the true hacks, the share reported
-    flag_precision   of the reported, the share that are true hacks
+    flag_recall      of the true hacks, the share reported (omitted at steps without a true hack)
+    flag_precision   of the reported, the share that are true hacks (omitted at steps without a flag)
 
 The detector's random state (for coverage and noise) is kept in the run's checkpointed extras,
 so a resumed run reports exactly the labels an uninterrupted one would.
@@ -55,10 +55,14 @@ class DetectorHooks(GRPOHooks):
         batch.labels["flagged"], batch.labels["hack"] = flagged, hack
         f, h = flagged.float(), hack.float()
         p = self.prefix
-        return {f"{p}/flag_rate": f.mean().item(), f"{p}/true_hack_rate": h.mean().item(),
-                f"{p}/label_agreement": (flagged == hack).float().mean().item(),
-                f"{p}/flag_recall": (f * h).sum().item() / max(h.sum().item(), 1.0),
-                f"{p}/flag_precision": (f * h).sum().item() / max(f.sum().item(), 1.0)}
+        out = {f"{p}/flag_rate": f.mean().item(), f"{p}/true_hack_rate": h.mean().item(),
+               f"{p}/label_agreement": (flagged == hack).float().mean().item()}
+        # recall is undefined without a true hack, precision without a flag: those steps omit them
+        if h.sum() > 0:
+            out[f"{p}/flag_recall"] = (f * h).sum().item() / h.sum().item()
+        if f.sum() > 0:
+            out[f"{p}/flag_precision"] = (f * h).sum().item() / f.sum().item()
+        return out
 
     def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
         return self.label(st, batch)
