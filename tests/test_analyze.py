@@ -12,7 +12,8 @@ import torch
 from mechrl.cli import main
 from mechrl.config import load_config
 from mechrl.runs.rundir import RunDir
-from mechrl.studies.sft_vs_rl_analysis import PRESETS, WHATS, analyze, task_of_run
+from mechrl.studies.analyze_runs import task_of_run
+from mechrl.studies.sft_vs_rl_analysis import PRESETS, WHATS, analyze
 from mechrl.train.sft import run_sft
 
 

@@ -35,12 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # A tiny random model rewarded for colour words (groups of 4 completions of 12 tokens: most groups
 # have some reward spread, so the advantages and gradients are not zero). "dapo" normalises by the
 # global token count (all-reduced), beta > 0 adds the KL term, micro-batches of 4 accumulate.
-GRPO = ["task.n_train=200", "task.n_val=20", "task.n_test=20", "task.n_ood=20", "model.tiny.d_model=32",
-        "model.tiny.n_layer=1", "model.device=cpu",
-        "reward=[{name: word_count, params: {word: RED}}, {name: contains_word, params: {word: BLUE}}]",
-        "train.max_new_tokens=12", "train.prompts_per_step=4", "train.num_generations=4", "train.lr=3e-3",
-        "train.loss_type=dapo", "train.beta=0.04", "train.micro_batch_size=4", "train.max_steps=3",
-        "train.eval_every=3", "train.save_every=3", "eval.n_per_split=4", "eval.n_final=4", "eval.max_new_tokens=4"]
+TOY = ["task.n_train=200", "task.n_val=20", "task.n_test=20", "task.n_ood=20", "model.tiny.d_model=32",
+       "model.tiny.n_layer=1", "model.device=cpu",
+       "reward=[{name: word_count, params: {word: RED}}, {name: contains_word, params: {word: BLUE}}]",
+       "train.max_new_tokens=12", "train.lr=3e-3", "train.max_steps=3", "train.eval_every=3", "train.save_every=3",
+       "eval.n_per_split=4", "eval.n_final=4", "eval.max_new_tokens=4"]
+GRPO = [*TOY, "train.prompts_per_step=4", "train.num_generations=4", "train.loss_type=dapo", "train.beta=0.04",
+        "train.micro_batch_size=4"]
 
 
 def _free_port() -> int:
@@ -174,12 +175,8 @@ def _rank1_events(rec: Path) -> list:
 # PPO with one minibatch per epoch: the minibatch is the global batch on either side, so the order
 # each process shuffles its share into does not change the update (the whitening and token
 # normalisers are the global batch's).
-PPO = ["task.n_train=200", "task.n_val=20", "task.n_test=20", "task.n_ood=20", "model.tiny.d_model=32",
-       "model.tiny.n_layer=1", "model.device=cpu",
-       "reward=[{name: word_count, params: {word: RED}}, {name: contains_word, params: {word: BLUE}}]",
-       "train.max_new_tokens=12", "train.prompts_per_step=8", "train.lr=3e-3", "train.ppo_epochs=2",
-       "train.num_minibatches=1", "train.micro_batch_size=2", "train.kl_coef=0.05", "train.max_steps=3",
-       "train.eval_every=3", "train.save_every=3", "eval.n_per_split=4", "eval.n_final=4", "eval.max_new_tokens=4"]
+PPO = [*TOY, "train.prompts_per_step=8", "train.ppo_epochs=2", "train.num_minibatches=1", "train.micro_batch_size=2",
+       "train.kl_coef=0.05"]
 
 
 @pytest.mark.slow

@@ -9,22 +9,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from dual_lora_helpers import randomise_b
 from mechrl.models.dual_lora import (
     DualLoRALinear, adapter_parameters, add_dual_lora, detect_ranks, dual_lora_modules, dual_lora_state_dict,
     get_scales, load_dual_lora, save_dual_lora, scales, set_scales,
 )
 
 RANKS = dict(retain_rank=4, retain_alpha=8.0, forget_rank=2, forget_alpha=3.0)
-
-
-def _randomize_b(model, seed=1):
-    """Non-zero B matrices so that both adapters change the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in dual_lora_modules(model).values():
-            for which in ("retain", "forget"):
-                B = m.factors(which)[1]
-                B.copy_(torch.randn(B.shape, generator=g) * 0.1)
 
 
 def _merged_reference(base, adapted, s_r, s_f):
@@ -71,7 +62,7 @@ def test_init_and_zero_scales_equal_base(tiny_model, ids):
     assert len(dual_lora_modules(model)) == tiny_model.config.num_hidden_layers * (
         3 if tiny_model.config.model_type == "gpt2" else 4)
     assert torch.equal(_logits(model, ids), _logits(base, ids))  # B = 0 at init
-    _randomize_b(model)
+    randomise_b(model, 0.1)
     assert not torch.allclose(_logits(model, ids), _logits(base, ids))
     with scales(model, 0.0, 0.0):
         assert torch.equal(_logits(model, ids), _logits(base, ids))
@@ -81,7 +72,7 @@ def test_init_and_zero_scales_equal_base(tiny_model, ids):
 def test_scales_match_hand_merged_weights(tiny_model, ids, s_r, s_f):
     base = copy.deepcopy(tiny_model)
     model = add_dual_lora(tiny_model, None, **RANKS)
-    _randomize_b(model)
+    randomise_b(model, 0.1)
     with scales(model, s_r, s_f):
         got = _logits(model, ids)
     assert get_scales(model) == (1.0, 1.0)  # restored
@@ -109,7 +100,7 @@ def test_scales_restored_after_exception_and_errors_without_adapters(tiny_model)
 
 def test_gradients_reach_only_adapters(tiny_model, ids):
     model = add_dual_lora(tiny_model, None, **RANKS)
-    _randomize_b(model)
+    randomise_b(model, 0.1)
     adapters = {id(p) for which in ("retain", "forget") for p in adapter_parameters(model, which)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == adapters and len(adapters) == 4 * len(dual_lora_modules(model))
@@ -130,7 +121,7 @@ def test_gradients_reach_only_adapters(tiny_model, ids):
 def test_save_load_round_trip_and_rank_detection(tiny_model, ids, tmp_path):
     fresh = copy.deepcopy(tiny_model)
     model = add_dual_lora(tiny_model, None, **RANKS)
-    _randomize_b(model)
+    randomise_b(model, 0.1)
     path = save_dual_lora(model, tmp_path / "adapters.safetensors")
     info = load_dual_lora(fresh, path)
     assert info["ranks"] == {"retain": 4, "forget": 2}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dual_lora_helpers import randomise_b
 from mechrl.cli import main
 from mechrl.config import ConfigError, RewardSpec, TinyModelConfig, load_config
 from mechrl.models.dual_lora import (add_dual_lora, adapter_parameters, block_gradients, dual_lora_modules,
@@ -29,20 +30,10 @@ TOY = ["task.n_train=200", "task.n_val=20", "task.n_test=20", "task.n_ood=20", "
        "routing.detector={name: contains_word, params: {word: RED}}"]
 
 
-def _randomise_b(model, seed=1):
-    """LoRA B starts at zero; give both adapters non-zero B so every factor has a gradient."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in dual_lora_modules(model).values():
-            for which in ("retain", "forget"):
-                B = m.factors(which)[1]
-                B.copy_(0.3 * torch.randn(B.shape, generator=g))
-
-
 def _tiny_dual(tok, arch="llama"):
     model = build_tiny_model(TinyModelConfig(arch=arch, n_layer=2, d_model=32, n_head=4), tok, seed=0)
     add_dual_lora(model, None, retain_rank=2, retain_alpha=4, forget_rank=3, forget_alpha=6)
-    _randomise_b(model)
+    randomise_b(model, 0.3)
     return model
 
 

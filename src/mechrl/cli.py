@@ -115,7 +115,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from mechrl.studies.sft_vs_rl_analysis import analyze_dir, format_headline
+    from mechrl.studies.analyze_runs import analyze_dir
+    from mechrl.studies.sft_vs_rl_analysis import format_headline
 
     result = analyze_dir(args.target, args.what.split(","), out=args.out, preset=args.preset,
                          checkpoint=args.checkpoint)

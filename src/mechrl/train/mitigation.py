@@ -34,9 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class MitigationHooks(DetectorHooks):
-    """Labels each batch with `mitigation.detector` and filters or penalises the flagged samples."""
-
-    prefix = "detector"
+    """Labels each batch with `mitigation.detector` (metrics under `detector/`) and filters or
+    penalises the flagged samples."""
 
     def __init__(self, cfg: GRPORunConfig):
         m = cfg.mitigation
