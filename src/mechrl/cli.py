@@ -6,6 +6,7 @@
     mechrl eval <checkpoint> --task cards [--n N] [--out FILE] [key=value ...]
     mechrl eval-routing <checkpoint> [--n N] [--out FILE]
     mechrl demo [--out DIR]
+    mechrl study <name> [--preset P] [--seeds N] [--out DIR] [--force]
     mechrl sweep <recipe> --grid key=v1,v2 ... [--fixed key=value ...] [--backend local|ray] [--dry-run]
     mechrl report <run> [<run> ...] [--out FILE]
     mechrl analyze <run-or-study> [--what probes,patching,ablation,sae] [--out DIR] [--preset tiny|smoke|full]
@@ -134,6 +135,17 @@ def cmd_demo(args) -> int:
     return 0 if summary else 1
 
 
+def cmd_study(args) -> int:
+    from mechrl.studies.registry import get_study, run_study
+
+    spec = get_study(args.name)
+    out = args.out or str(Path("runs") / f"study-{spec.name}-{args.preset or spec.presets[0]}")
+    summary = run_study(args.name, out, preset=args.preset, seeds=args.seeds, force=args.force)
+    print(json.dumps({"study": spec.name, "summary": str(Path(out) / "summary.json"),
+                      "report": str(Path(out) / "report.html")}))
+    return 0 if summary else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mechrl", description="RL post-training of small language models "
                                 "with interpretability built in.")
@@ -189,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="start over instead of resuming")
     d.add_argument("--seed", type=int, default=0, help="seed of both phases (default 0)")
     d.set_defaults(fn=cmd_demo)
+
+    from mechrl.studies.registry import STUDIES
+
+    st = sub.add_parser("study", help="run a study end to end (report.html + summary.json): "
+                        + ", ".join(STUDIES))
+    st.add_argument("name", help="; ".join(f"{s.name}: {s.description} (presets: {', '.join(s.presets)})"
+                                           for s in STUDIES.values()))
+    st.add_argument("--preset", help="the study's size (default: its first preset)")
+    st.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    st.add_argument("--out", help="output directory (default: runs/study-<name>-<preset>)")
+    st.add_argument("--force", action="store_true", help="start over instead of resuming")
+    st.set_defaults(fn=cmd_study)
 
     w = sub.add_parser("sweep", help="run a recipe over a grid of overrides (locally or on Ray)")
     w.add_argument("recipe", help="a recipe file or a built-in recipe name (e.g. cards-sft)")

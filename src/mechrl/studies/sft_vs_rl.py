@@ -76,6 +76,34 @@ def run_demo(out: Path, preset: str = "tiny", force: bool = False, analysis: boo
     return summary
 
 
+def run_study(out: Path, *, preset: str = "tiny", seeds: int = 1, force: bool = False) -> dict:
+    """`mechrl study sft-vs-rl`: the demo at `preset`, once per seed (0..seeds-1). One seed writes
+    into `out` itself (as `mechrl demo`); several write `out/seed-K/` each, and `out/summary.json`
+    holds every seed's summary and, per phase and split, the accuracy's mean, min and max over seeds."""
+    out = Path(out)
+    if seeds == 1:
+        return run_demo(out, preset=preset, force=force, seed=0)
+    per_seed = {k: run_demo(out / f"seed-{k}", preset=preset, force=force, seed=k) for k in range(seeds)}
+    first = per_seed[0]
+    spread: dict = {}
+    for phase in first["phases"]:
+        for split in first["phases"][phase]["splits"]:
+            accs = [s["phases"][phase]["splits"][split]["accuracy"] for s in per_seed.values()]
+            spread.setdefault(phase, {})[split] = {"mean": sum(accs) / len(accs), "min": min(accs),
+                                                   "max": max(accs), "n_seeds": len(accs)}
+    summary = {"preset": preset, "seeds": {str(k): s for k, s in per_seed.items()}, "accuracy_over_seeds": spread}
+    atomic_write_json(out / "summary.json", summary)
+    runs = [Path(s["phases"][p]["run"]) for s in per_seed.values() for p in s["phases"]]
+    rows = [[phase, split, v["mean"], v["min"], v["max"], v["n_seeds"]]
+            for phase, splits in spread.items() for split, v in splits.items()]
+    build_report(runs, out / "report.html", title=f"sft-vs-rl study ({preset} preset, {seeds} seeds)",
+                 extra_sections=[Section("Accuracy over seeds", text="Final evaluation of each phase, over seeds "
+                                         "(each seed's own report is in seed-K/report.html).",
+                                         tables=[Table(["phase", "split", "mean", "min", "max", "seeds"], rows,
+                                                       kind="seeds")])])
+    return summary
+
+
 def phases_section(summary: dict) -> Section:
     """The study's own report section: accuracy and format-error rate per split and rule family
     (rows) at each phase's final checkpoint (columns)."""

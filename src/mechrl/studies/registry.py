@@ -1,0 +1,75 @@
+"""The studies `mechrl study <name>` runs: one name, one function, one output folder each.
+
+A study function takes the output folder and the run options and returns its summary:
+
+    fn(out: Path, *, preset: str, seeds: int, force: bool) -> dict
+
+It writes `<out>/summary.json` (the returned dict) and `<out>/report.html`, resumes whatever is
+unfinished when called again with the same arguments (`force` starts over), and raises `UserError`
+for a preset it does not have. Studies are registered here by module path, imported only when run,
+so `mechrl --help` stays fast and a study's dependencies load only for that study.
+
+    mechrl study sft-vs-rl --preset smoke --out runs/svr
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mechrl.errors import UserError
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A registered study: where its function lives, its presets (the first is the default) and a line
+    of description for `mechrl study --help`."""
+
+    name: str
+    target: str  # "module:function"
+    presets: tuple[str, ...]
+    description: str
+
+    def load(self) -> Callable[..., dict]:
+        module, fn = self.target.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+STUDIES: dict[str, StudySpec] = {}
+
+
+def register_study(name: str, target: str, presets: tuple[str, ...], description: str) -> None:
+    if name in STUDIES:
+        raise ValueError(f"study {name!r} is already registered ({STUDIES[name].target})")
+    if not presets:
+        raise ValueError(f"study {name!r}: at least one preset is needed")
+    STUDIES[name] = StudySpec(name, target, tuple(presets), description)
+
+
+register_study("sft-vs-rl", "mechrl.studies.sft_vs_rl:run_study", ("tiny", "smoke"),
+               "SFT then GRPO on the card game; every split evaluated; probes, patching, ablation, SAEs")
+
+
+def get_study(name: str) -> StudySpec:
+    if name not in STUDIES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(STUDIES), n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise UserError(f"unknown study {name!r}{hint}; studies: {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def run_study(name: str, out: str | Path | None = None, *, preset: str | None = None, seeds: int = 1,
+              force: bool = False) -> dict:
+    """Run study `name` (see the module docstring); `out` defaults to `runs/study-<name>-<preset>`."""
+    spec = get_study(name)
+    preset = preset or spec.presets[0]
+    if preset not in spec.presets:
+        raise UserError(f"study {name}: unknown preset {preset!r}; presets: {', '.join(spec.presets)}")
+    if seeds < 1:
+        raise UserError(f"study {name}: --seeds must be >= 1, got {seeds}")
+    out = Path(out) if out is not None else Path("runs") / f"study-{name}-{preset}"
+    return spec.load()(out, preset=preset, seeds=seeds, force=force)
