@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mechrl-installed
 
-.PHONY: setup demo test test-slow test-all clean chromium
+.PHONY: setup demo test test-slow test-gpu test-all clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ chromium:
 # Long checks (minutes each), skipped by default.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# Checks that need a CUDA device (skipped by default); refused at once on a machine without one.
+test-gpu: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device on this machine')"
+	$(PY) -m pytest -m gpu
+
+# Everything: the default suite and the slow checks; the GPU checks too, which skip (saying why) without CUDA.
+test-all: $(STAMP) chromium
+	$(PY) -m pytest -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

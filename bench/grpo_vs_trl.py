@@ -2,9 +2,11 @@
 
 Both train the same random tiny Llama (SimpleStories-1.25M shape, `common.tiny_llama`) from the
 same weights on the same 16 prompts x 8 generations x 32 new tokens, with the same reward (a
-text-level function of the completion), learning rate, `beta` and `loss_type="grpo"`. Each runs
-`--warmup` steps first (not timed), then `--steps` timed steps; the JSON records the median
-seconds per step of each, and `speedup` = TRL time / mechrl time.
+text-level function of the completion), learning rate, `beta` and `loss_type="grpo"`. The two are
+interleaved step by step in one process (a TRL step, then a mechrl step, from a TRL callback), so a
+change in the machine's load falls on both alike. The first `--warmup` steps of each are not timed;
+the JSON records the median seconds per step of each of the `--steps` timed ones, and `speedup` =
+TRL time / mechrl time.
 
     .venv/bin/python bench/grpo_vs_trl.py                        # CPU, writes bench/results/grpo_vs_trl.json
     .venv/bin/python bench/grpo_vs_trl.py --device cuda --prompts 32 --generations 16 --new-tokens 64 \\
@@ -37,7 +39,8 @@ def bench_reward(prompts, completions, examples=None, **kw) -> list[float]:
     return out
 
 
-def time_mechrl(model_dir: Path, tok, prompts: list[str], args, device: str) -> list[float]:
+def mechrl_stepper(model_dir: Path, tok, prompts: list[str], args, device: str):
+    """A function that runs and times one mechrl GRPO step (seconds), on its own copy of the model."""
     from mechrl.config import GRPOConfig, GRPORunConfig, RewardSpec
     from mechrl.envs import EnvItem, StepResult, TextEnv
     from mechrl.models.loading import load_pretrained
@@ -81,37 +84,44 @@ def time_mechrl(model_dir: Path, tok, prompts: list[str], args, device: str) -> 
     ref = frozen_copy(model) if args.beta > 0 else None
     st = RLState(cfg, RunDir(tempfile.mkdtemp(prefix="mechrl-bench-")), None, PromptEnv(), model, ref, tok, opt,
                  warmup_constant(opt, 0), torch.Generator(device=device).manual_seed(0), torch.device(device))
-    hooks, times = GRPOHooks(), []
-    for i in range(args.warmup + args.steps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    hooks = GRPOHooks()
+
+    def step() -> float:
+        _sync(device)
         t0 = time.perf_counter()
         grpo_step(st, hooks, Timer())
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return step
 
 
-def time_trl(model_dir: Path, tok, prompts: list[str], args, device: str) -> list[float]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(model_dir: Path, tok, prompts: list[str], args, device: str) -> tuple[list[float], list[float]]:
+    """(mechrl step times, TRL step times), each without its warm-up steps: TRL's trainer runs its
+    loop, and after each of its steps a callback runs one mechrl step."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    mechrl_step = mechrl_stepper(model_dir, tok, prompts, args, device)
+
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.times, self.mechrl_times, self.t0 = [], [], None
 
         def on_step_begin(self, a, state, control, **kw):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(device)
             self.times.append(time.perf_counter() - self.t0)
+            self.mechrl_times.append(mechrl_step())
 
     n_steps = args.warmup + args.steps
     data = Dataset.from_dict({"prompt": prompts * n_steps})
@@ -128,9 +138,9 @@ def time_trl(model_dir: Path, tok, prompts: list[str], args, device: str) -> lis
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=bench_reward, args=targs, train_dataset=data,
                           processing_class=tok, callbacks=[timer])
     trainer.train()
-    if len(timer.times) != n_steps:
-        raise RuntimeError(f"TRL ran {len(timer.times)} steps, expected {n_steps}")
-    return timer.times[args.warmup:]
+    if len(timer.times) != n_steps or len(timer.mechrl_times) != n_steps:
+        raise RuntimeError(f"TRL ran {len(timer.times)} steps and mechrl {len(timer.mechrl_times)}, expected {n_steps}")
+    return timer.mechrl_times[args.warmup:], timer.times[args.warmup:]
 
 
 def main() -> None:
@@ -160,8 +170,7 @@ def main() -> None:
     tok.save_pretrained(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
 
-    mech = time_mechrl(model_dir, tok, prompts, args, args.device)
-    trl_times = time_trl(model_dir, tok, prompts, args, args.device)
+    mech, trl_times = time_interleaved(model_dir, tok, prompts, args, args.device)
     m, t = statistics.median(mech), statistics.median(trl_times)
     result = {
         "mechrl_s_per_step": m, "trl_s_per_step": t, "speedup": t / m,
@@ -169,7 +178,8 @@ def main() -> None:
         "config": {"model": "tiny Llama (SimpleStories-1.25M shape)", "parameters": n_params,
                    "prompts": args.prompts, "generations": args.generations, "new_tokens": args.new_tokens,
                    "lr": args.lr, "beta": args.beta, "loss_type": "grpo", "warmup_steps": args.warmup,
-                   "timed_steps": args.steps, "torch_threads": torch.get_num_threads()},
+                   "timed_steps": args.steps, "torch_threads": torch.get_num_threads(),
+                   "order": "interleaved: each TRL step is followed by one mechrl step"},
     }
     path = write_result(args.name, result, device=args.device)
     print(f"mechrl {m:.3f} s/step, TRL {t:.3f} s/step, speedup {t / m:.2f}x -> {path}")

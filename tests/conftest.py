@@ -21,6 +21,16 @@ from mechrl.models.loading import build_tiny_model, prepare_tokenizer  # noqa: E
 from mechrl.tasks import build_task  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, saying why, where there is no CUDA device (`make test-all` on a CPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `make test-gpu` on a machine with one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -180,12 +180,14 @@ def test_the_only_live_head_is_the_most_important(tiny_model, cards_tok, example
 
 def test_jaccard_top_k_and_profiles_by_hand():
     assert jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
-    assert jaccard(set(), set()) == 1.0 and jaccard({"a"}, set()) == 0.0 and jaccard({"x", "y"}, {"y", "x"}) == 1.0
+    assert np.isnan(jaccard(set(), set())) and jaccard({"a"}, set()) == 0.0 and jaccard({"x", "y"}, {"y", "x"}) == 1.0
     sft = {"importance": {"L0H0": 0.5, "L0H1": 0.1, "L0MLP": 0.3, "L1H0": 0.0, "L1H1": 0.2, "L1MLP": 0.4},
            "heads": np.array([[0.5, 0.1], [0.0, 0.2]]), "mlp": np.array([0.3, 0.4])}
     rl = {"importance": {"L0H0": 0.1, "L0H1": 0.6, "L0MLP": 0.3, "L1H0": 0.0, "L1H1": 0.2, "L1MLP": 0.5}}
     assert top_k(sft, 2) == {"L0H0", "L1MLP"} and top_k(rl, 2) == {"L0H1", "L1MLP"}
-    assert top_k({"importance": {"b": 1.0, "a": 1.0, "c": 0.0}}, 1) == {"a"}  # ties by name
+    assert top_k({"importance": {"b": 1.0, "a": 1.0, "c": 0.0}}, 1) == {"a", "b"}  # a tie is kept whole
+    assert top_k({"importance": {"b": 1.0, "a": 0.0, "c": 0.0}}, 3) == {"b"}  # zero importance is no importance
+    assert top_k(sft, 6) == {"L0H0", "L0H1", "L0MLP", "L1H1", "L1MLP"}  # L1H0 (0.0) left out
     cmp = compare_top_k({"test": sft, "ood": sft}, {"test": rl}, ks=(1, 2, 3, 7))
     assert cmp == {"test": {1: 0.0, 2: pytest.approx(1 / 3), 3: pytest.approx(2 / 4)}}
     prof = layer_profile(sft, "sum")

@@ -127,11 +127,11 @@ def _within(frac: float, p: float, n: int) -> bool:
 
 
 def test_detector_exact_without_knobs():
-    det = build_detector(DetectorSpec(name="contains_happy"))
+    det = build_detector(DetectorSpec(name="contains_happy"), run_seed=0)
     comps = [STORY, SHORT, " HAPPY", " unhappy"]
     labels = det.labels(["p"] * 4, comps, [{}] * 4)
     assert labels.raw == labels.reported == [True, False, True, False]
-    det2 = build_detector(DetectorSpec(name="contains_word", params={"word": "happy", "min_count": 2}))
+    det2 = build_detector(DetectorSpec(name="contains_word", params={"word": "happy", "min_count": 2}), run_seed=0)
     assert det2(["p"] * 4, comps, [{}] * 4) == [True, False, False, False]
 
 
@@ -153,7 +153,7 @@ def test_detector_knobs_give_stated_fractions(coverage, noise):
 
 
 def test_detector_state_resumes_stream():
-    spec = DetectorSpec(name="contains_happy", coverage=0.5, label_noise=0.1)
+    spec = DetectorSpec(name="contains_happy", coverage=0.5, label_noise=0.1, seed=3)
     prompts, comps, exs = _batch()
     a = build_detector(spec)
     a(prompts[:100], comps[:100], exs[:100])
@@ -171,9 +171,11 @@ def test_detector_errors(monkeypatch):
 
     monkeypatch.setattr(d, "_REGISTRY", dict(d._REGISTRY))
     with pytest.raises(ConfigError, match="unknown detector 'contains_hapy'.*contains_happy"):
-        build_detector(DetectorSpec(name="contains_hapy"))
+        build_detector(DetectorSpec(name="contains_hapy"), run_seed=0)
     with pytest.raises(ConfigError, match="detector 'contains_word': missing parameter 'word'"):
-        build_detector(DetectorSpec(name="contains_word"))
+        build_detector(DetectorSpec(name="contains_word"), run_seed=0)
+    with pytest.raises(ValueError, match="no seed"):
+        build_detector(DetectorSpec(name="contains_happy"))
     with pytest.raises(ValueError):
         DetectorSpec(name="contains_happy", coverage=1.5)
 
@@ -186,8 +188,8 @@ def test_detector_errors(monkeypatch):
         return [1] * len(completions)
 
     with pytest.raises(ValueError, match="expected a list of 2 bools"):
-        build_detector(DetectorSpec(name="short_list"))(["p"] * 2, ["a", "b"], [{}] * 2)
+        build_detector(DetectorSpec(name="short_list"), run_seed=0)(["p"] * 2, ["a", "b"], [{}] * 2)
     with pytest.raises(ValueError, match="non-bool at index 0"):
-        build_detector(DetectorSpec(name="ints"))(["p"] * 2, ["a", "b"], [{}] * 2)
+        build_detector(DetectorSpec(name="ints"), run_seed=0)(["p"] * 2, ["a", "b"], [{}] * 2)
     with pytest.raises(ValueError, match="already registered"):
         register_detector("ints")(ints)

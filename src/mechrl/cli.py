@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,10 +38,12 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_sft(args) -> int:
     from mechrl.config import load_config
+    from mechrl.runs.preflight import preflight
     from mechrl.runs.rundir import RunDir
     from mechrl.train.sft import run_sft
 
     cfg, name = load_config(args.recipe, args.overrides, kind="sft")
+    preflight(cfg)
     run = RunDir.start(cfg, name, force=args.force)
     print(f"run: {run.path}", file=sys.stderr)
     final = run_sft(cfg, run)
@@ -50,9 +53,11 @@ def cmd_sft(args) -> int:
 
 def cmd_rl(args) -> int:
     from mechrl.config import load_config
+    from mechrl.runs.preflight import preflight
     from mechrl.runs.rundir import RunDir
 
     cfg, name = load_config(args.recipe, args.overrides, kind=args.command)
+    preflight(cfg)
     run = RunDir.start(cfg, name, force=args.force)
     print(f"run: {run.path}", file=sys.stderr)
     if args.command == "grpo":
@@ -65,6 +70,10 @@ def cmd_rl(args) -> int:
 
 def cmd_eval(args) -> int:
     from mechrl.evaluate import evaluate_checkpoint, format_table
+    from mechrl.runs.rundir import check_writable_file
+
+    if args.out:
+        check_writable_file(args.out, "--out")
 
     result = evaluate_checkpoint(args.checkpoint, task=args.task, n=args.n, overrides=args.overrides,
                                  splits=tuple(args.split) if args.split else None)
@@ -78,9 +87,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_eval_routing(args) -> int:
-    from mechrl.runs.rundir import atomic_write_json
+    from mechrl.runs.rundir import atomic_write_json, check_writable_file
     from mechrl.train.routing import evaluate_routing_checkpoint, summary_line
 
+    if args.out:
+        check_writable_file(args.out, "--out")
     result = evaluate_routing_checkpoint(args.checkpoint, n=args.n)
     print(summary_line(result))
     if args.out:
@@ -91,8 +102,10 @@ def cmd_eval_routing(args) -> int:
 
 def cmd_report(args) -> int:
     from mechrl.runs.report import build_report
+    from mechrl.runs.rundir import check_writable_file
 
     out = args.out or (Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else Path("report.html"))
+    check_writable_file(out, "report")
     print(build_report(args.runs, out))
     return 0
 
@@ -103,6 +116,9 @@ def cmd_sweep(args) -> int:
     opts = dict(address=args.address, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
                 gpus_per_trial=args.gpus_per_trial)
     check_options(args.backend, **opts)
+    from mechrl.runs.rundir import check_writable_dir
+
+    check_writable_dir(args.out, "--out")
     plan = plan_sweep(args.recipe, args.grid, args.fixed or [], out=args.out)
     print(format_plan(plan), flush=True)
     if args.dry_run:
@@ -116,8 +132,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    from mechrl.runs.rundir import check_writable_dir
     from mechrl.studies.analyze_runs import analyze_dir
     from mechrl.studies.sft_vs_rl_analysis import format_headline
+
+    check_writable_dir(args.out or args.target, "--out")
 
     result = analyze_dir(args.target, args.what.split(","), out=args.out, preset=args.preset,
                          checkpoint=args.checkpoint)
@@ -127,7 +146,10 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from mechrl.runs.rundir import check_writable_dir
     from mechrl.studies.sft_vs_rl import format_summary, run_demo
+
+    check_writable_dir(args.out, "--out")
 
     summary = run_demo(Path(args.out), preset=args.preset, force=args.force, seed=args.seed)
     print(format_summary(summary))
@@ -138,12 +160,31 @@ def cmd_demo(args) -> int:
 def cmd_study(args) -> int:
     from mechrl.studies.registry import get_study, run_study
 
+    from mechrl.runs.rundir import check_writable_dir
+
     spec = get_study(args.name)
     out = args.out or str(Path("runs") / f"study-{spec.name}-{args.preset or spec.presets[0]}")
+    check_writable_dir(out, "--out")
     summary = run_study(args.name, out, preset=args.preset, seeds=args.seeds, force=args.force)
     print(json.dumps({"study": spec.name, "summary": str(Path(out) / "summary.json"),
                       "report": str(Path(out) / "report.html")}))
     return 0 if summary else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _terminate(signum, frame):
+    """SIGTERM (a scheduler, `kill`, a sweep stopping a trial) ends the command as Ctrl-C would, so
+    the run records why it stopped instead of vanishing with its status still "running"."""
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on every split of a task")
     e.add_argument("checkpoint")
     e.add_argument("--task", required=True, help="task name (e.g. cards)")
-    e.add_argument("--n", type=int, default=1000, help="examples per split")
+    e.add_argument("--n", type=_positive_int, default=1000, help="examples per split (>= 1)")
     e.add_argument("--split", action="append", help="only these splits (repeatable)")
     e.add_argument("--out", help="write the result as JSON here")
     e.add_argument("overrides", nargs="*", help="task overrides: task.n_ood=2000 ...")
@@ -177,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     er = sub.add_parser("eval-routing", help="routing evaluation of a routed GRPO checkpoint: both adapters, "
                         "retain only, forget only")
     er.add_argument("checkpoint", help="a routed run's checkpoint, e.g. runs/<run>/checkpoints/step-N")
-    er.add_argument("--n", type=int, help="completions per adapter mode (default: the run's routing.eval_n)")
+    er.add_argument("--n", type=_positive_int, help="completions per adapter mode (default: the run's routing.eval_n)")
     er.add_argument("--out", help="write the result (with samples) as JSON here")
     er.set_defaults(fn=cmd_eval_routing)
 
@@ -240,14 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     _setup_logging(args.verbose)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)
     except UserError as e:
         print(f"mechrl {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mechrl {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"mechrl {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 143 if str(e).startswith("terminated") else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

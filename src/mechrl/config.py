@@ -45,9 +45,10 @@ def _suggest(word: str, options) -> str:
 
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+    """Base for every config section: unknown keys are errors, assignments are re-validated, and a
+    float field refuses NaN and infinities (`train.lr=.inf` is a typo, not a learning rate)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +199,9 @@ class ModelConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
     """Off by default: remote code runs only when the user turns this on."""
+    allow_hub: bool = False
+    """Download `path` from the Hugging Face hub when it is not a local folder. Off by default: a name
+    that is not a local folder is an error at once (nothing is fetched unless asked for)."""
     builtin: Literal["stories", "stories-fast"] | None = None
     """A model mechrl builds itself (no download): `stories` is the pretrained tiny story Llama
     (`mechrl.tasks.stories.story_base_model`, built once, a few minutes on CPU, and cached);
@@ -467,7 +471,7 @@ class RoutingConfig(Strict):
         if v is not None:
             from mechrl.rewards.detectors import DetectorSpec, build_detector  # local: detectors imports config
 
-            build_detector(DetectorSpec.model_validate(v))  # checks the name and parameters now
+            build_detector(DetectorSpec.model_validate(v), run_seed=0)  # checks the name and parameters now
         return v
 
 

@@ -233,6 +233,16 @@ def _fmt(v: Any) -> str:
     return str(v).replace("/", "-").replace(" ", "")
 
 
+def _short_path(path: str) -> str:
+    """A model path as a run-name tag: `<run>-step-N` for a mechrl checkpoint (`<run>/checkpoints/step-N`),
+    else the folder's (or hub name's) last part. Two paths with the same tag are told apart by the
+    run directory's config check, which refuses a different config under the same name."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return _fmt(f"{parts[-3]}-{parts[-1]}")
+    return _fmt(parts[-1] if parts else path)
+
+
 def run_name(cfg: RunConfig, default: RunConfig | None = None) -> str:
     """`<name>[-<preset>]_<tag><value>..._s<seed>` with a tag per value that differs from `default`."""
     parts = [cfg.name + (f"-{cfg.preset}" if cfg.preset else "")]
@@ -240,6 +250,9 @@ def run_name(cfg: RunConfig, default: RunConfig | None = None) -> str:
         a, b = _flatten(cfg.model_dump()), _flatten(default.model_dump())
         for key in sorted(set(a) | set(b)):
             if key.split(".")[0] in _SKIP_IN_NAME or a.get(key) == b.get(key):
+                continue
+            if key == "model.path" and a.get(key) is not None:
+                parts.append(f"from_{_short_path(a[key])}")
                 continue
             tag = TAGS.get(key, key.split(".")[-1] + "_")
             parts.append(f"{tag}{_fmt(a.get(key))}")

@@ -46,6 +46,8 @@ def evaluate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, *
              splits: tuple[str, ...] | None = None, batch_size: int = 256, max_new_tokens: int | None = None,
              progress: bool = True) -> dict:
     """Judge greedy completions of the first `n` examples of each split."""
+    if n < 1:
+        raise ValueError(f"evaluate: n must be at least 1, got {n}")
     was_training = model.training
     model.eval()
     splits = tuple(splits or task.eval_splits)
@@ -91,6 +93,17 @@ def flat_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
     return out
 
 
+def pick_samples(samples: list[dict], per_split: int, step: int) -> list[dict]:
+    """The first `per_split` samples of each split, as samples.jsonl records of `step`."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in samples:
+        if seen.get(s["split"], 0) < per_split:
+            seen[s["split"]] = seen.get(s["split"], 0) + 1
+            out.append({"step": step, **s})
+    return out
+
+
 def format_table(result: dict, title: str | None = None) -> str:
     """A plain-text table: one row per split and group, accuracy and format-error rate."""
     rows = [("split", "group", "n", "accuracy", "format_err")]
@@ -107,31 +120,54 @@ def format_table(result: dict, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_task_config(path: str | Path, task: str, overrides: list[str] | None = None):
+    """The task config a checkpoint was trained on, with `task.*` overrides applied: from the
+    checkpoint's own `mechrl_task.yaml` (every checkpoint mechrl writes has one), else from its run's
+    `config.yaml` (`<run>/checkpoints/step-N`). A checkpoint with neither is refused unless the
+    overrides say how it was trained (e.g. `task.answer_format=running`): judging answers written in
+    one format by another scores correct answers wrong."""
+    from mechrl.config import ConfigError, build_task_config, parse_overrides
+    from mechrl.runs.rundir import CHECKPOINT_TASK_FILE
+
+    path = Path(path)
+    parsed = parse_overrides(overrides or [])
+    own, run_config = path / CHECKPOINT_TASK_FILE, path.parent.parent / "config.yaml"
+    if own.is_file():
+        data, source = yaml.safe_load(own.read_text()) or {}, own
+    elif path.parent.name == "checkpoints" and run_config.is_file():
+        data, source = (yaml.safe_load(run_config.read_text()) or {}).get("task") or {}, run_config
+    elif parsed:
+        data, source = {"name": task}, "the command line"
+    else:
+        raise ConfigError(f"{path}: no {CHECKPOINT_TASK_FILE} and no run config.yaml beside it, so the task it was "
+                          f"trained on (answer format, families, colours) is unknown; give it as task.* overrides "
+                          f"(e.g. task.answer_format=running)")
+    if data.get("name", task) != task:
+        raise ConfigError(f"{path} was trained on task {data.get('name')!r}, not {task!r} (from {source})")
+    data = {**data, "name": task}
+    return build_task_config(data, parsed, source=str(source))
+
+
 def evaluate_checkpoint(path: str | Path, *, task: str, n: int, overrides: list[str] | None = None,
                         splits: tuple[str, ...] | None = None) -> dict:
-    """Evaluate a saved checkpoint. The task config comes from the run the checkpoint belongs to
-    (`<run>/config.yaml`) when there is one, else the task's defaults; `task.*` overrides apply."""
-    from mechrl.config import ConfigError, build_task_config, parse_overrides
+    """Evaluate a saved checkpoint on the task it was trained on (`checkpoint_task_config`)."""
+    from mechrl.config import ConfigError
     from mechrl.models.loading import CheckpointError, load_pretrained
     from mechrl.tasks import build_task
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
-    data: dict = {"name": task}
-    run_config = path.parent.parent / "config.yaml"
-    if path.parent.name == "checkpoints" and run_config.is_file():
-        run_task = (yaml.safe_load(run_config.read_text()) or {}).get("task") or {}
-        if run_task.get("name", task) != task:
-            raise ConfigError(f"{path} was trained on task {run_task.get('name')!r}, not {task!r}")
-        data = run_task
-    task_cfg = build_task_config(data, parse_overrides(overrides or []), source=str(path))
-    model, tok = load_pretrained(path)
+    if n < 1:
+        raise ConfigError(f"evaluate: n must be at least 1, got {n}")
+    task_cfg = checkpoint_task_config(path, task, overrides)
     task_obj = build_task(task_cfg)
     if splits:
         unknown = [s for s in splits if s not in task_obj.datasets]
         if unknown:
             raise ConfigError(f"unknown split(s) {unknown}; splits: {list(task_obj.datasets)}")
+    model, tok = load_pretrained(path)
     result = evaluate(model, tok, task_obj, n=n, splits=splits)
     result["checkpoint"] = str(path)
+    result["task_config"] = task_cfg.model_dump(mode="json")
     return result

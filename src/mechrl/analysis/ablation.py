@@ -293,28 +293,44 @@ def importance_by_split(model: nn.Module, tokenizer, splits: Mapping[str, Sequen
     return {name: ablation_importance(model, tokenizer, exs, **kw) for name, exs in splits.items()}
 
 
-def top_k(result: Mapping, k: int) -> set[str]:
-    """The k components with the largest importance (ties broken by name, for determinism)."""
+#: Importance at or below this is no importance: a component whose ablation moves the metric by
+#: less than this is never in a top-k set, however many components share that value.
+MIN_IMPORTANCE = 1e-9
+
+
+def top_k(result: Mapping, k: int, *, min_importance: float = MIN_IMPORTANCE) -> set[str]:
+    """The k most important components, ties kept together: every component whose importance is at
+    least the k-th largest value (so a tie at the boundary makes the set larger than k) and above
+    `min_importance` (so the set may also be smaller than k). Breaking ties by name would fill two
+    checkpoints' sets with the same zero-importance components and inflate their overlap."""
     imp = result["importance"]
-    if k < 0 or k > len(imp):
+    if k < 1 or k > len(imp):
         raise ValueError(f"top_k: k={k} but {len(imp)} components were evaluated")
-    return set(sorted(imp, key=lambda c: (-imp[c], c))[:k])
+    kth = sorted(imp.values(), reverse=True)[k - 1]
+    return {c for c, v in imp.items() if v >= kth - 1e-12 and v > min_importance}
 
 
 def jaccard(a: set, b: set) -> float:
-    """|a & b| / |a | b|; two empty sets have overlap 1."""
+    """|a & b| / |a | b|; NaN when both are empty (no component matters in either: overlap undefined)."""
     a, b = set(a), set(b)
-    return 1.0 if not a and not b else len(a & b) / len(a | b)
+    return float("nan") if not a and not b else len(a & b) / len(a | b)
 
 
 def compare_top_k(a: Mapping[str, Mapping], b: Mapping[str, Mapping], ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
-    """Per split shared by two checkpoints' `importance_by_split` results: {split: {k: Jaccard}}
-    (k larger than the component count is skipped)."""
+    """Per split shared by two checkpoints' `importance_by_split` results: {split: {k: Jaccard}} of
+    their `top_k` sets (k larger than the component count is skipped; NaN where neither checkpoint
+    has a component above `MIN_IMPORTANCE`). `top_k_sizes` gives the sets' sizes beside it."""
     shared = [s for s in a if s in b]
     if not shared:
         raise ValueError(f"no split in common: {list(a)} vs {list(b)}")
     return {s: {int(k): jaccard(top_k(a[s], k), top_k(b[s], k)) for k in ks if k <= len(a[s]["importance"])}
             for s in shared}
+
+
+def top_k_sizes(results: Mapping[str, Mapping], ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
+    """{split: {k: size of top_k}} for one checkpoint's `importance_by_split`: a size above k is a tie
+    at the boundary, below k means fewer than k components matter at all."""
+    return {s: {int(k): len(top_k(r, k)) for k in ks if k <= len(r["importance"])} for s, r in results.items()}
 
 
 def layer_profile(result: Mapping, reduce: Literal["sum", "max"] = "sum") -> dict[str, np.ndarray]:

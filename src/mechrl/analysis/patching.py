@@ -17,7 +17,11 @@ the answers first diverge. When the completions are identical nothing is teacher
 tokens are the completion's first token (use `logprob`/`prob`).
 
 Scores are normalised per pair, 1 = clean, 0 = corrupted:  (patched - corrupted) / (clean - corrupted).
-Pairs with |clean - corrupted| < `min_gap` are dropped and counted; all dropped raises.
+Pairs with |clean - corrupted| < `min_gap` are dropped and counted; all dropped raises. A site's
+score over pairs is the gap-weighted mean of the per-pair scores,
+    sum_i sign(gap_i) (patched_i - corrupted_i) / sum_i |gap_i|,
+so a pair whose clean and corrupted runs barely differ (a tiny denominator) weighs as little as its
+gap; a plain mean of ratios lets such pairs dominate. The per-pair median is reported beside it.
 
 Alignment: rows are left-padded to one length, so positions are counted from the end (-1 = the last
 input token). Pairs whose prompts tokenize to the same length (what `card_pairs` builds for rule
@@ -348,15 +352,34 @@ def _sweep(model: nn.Module, pb: PairBatch, what: Sequence[str], metric: Metric,
     result = {"metric": metric, "min_gap": min_gap, "n_pairs": pb.n, "n_dropped": pb.n - len(keep), "kept": keep,
               "clean": c.tolist(), "corrupt": k.tolist(), "positions": list(range(-T, 0))}
     for kind, entries in sites.items():
-        per_pair = torch.stack([deltas[s] / gap for s, _ in entries], dim=1)  # (N, L, J)
+        delta = torch.stack([deltas[s] for s, _ in entries], dim=1)  # (N, L, J) patched - corrupted
         if kind == "mlp":
-            per_pair = per_pair[..., 0]  # (N, L)
-        per_np = per_pair.double().numpy()
-        with np.errstate(invalid="ignore"):
-            all_nan = np.isnan(per_np).all(0)
-            mean = np.where(all_nan, np.nan, np.nansum(per_np, 0) / np.maximum((~np.isnan(per_np)).sum(0), 1))
-        result[kind] = {"sites": [s for s, _ in entries], "scores": mean, "per_pair": per_np}
+            delta = delta[..., 0]  # (N, L)
+        g = gap.view(-1, *([1] * (delta.dim() - 1))).double().numpy()  # (N, 1, ...)
+        d = delta.double().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero gap (min_gap=0) gives inf/NaN ratios
+            per_pair = d / g
+        result[kind] = {"sites": [s for s, _ in entries], "scores": weighted_scores(d, g),
+                        "median": _nanmedian(per_pair), "per_pair": per_pair}
+    result["aggregate"] = "gap-weighted mean: sum_i sign(gap_i)(patched_i - corrupted_i) / sum_i |gap_i|"
     return result
+
+
+def weighted_scores(delta: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """The gap-weighted mean over pairs (axis 0) of the per-pair scores delta / gap: sum sign(gap)
+    delta / sum |gap| over the pairs where delta is not NaN (NaN where no pair is)."""
+    ok = ~np.isnan(delta)
+    num = np.where(ok, np.sign(gap) * np.nan_to_num(delta), 0.0).sum(0)
+    den = np.where(ok, np.abs(gap), 0.0).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok.any(0), num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _nanmedian(x: np.ndarray) -> np.ndarray:
+    out = np.full(x.shape[1:], np.nan)
+    ok = ~np.isnan(x).all(0)
+    out[ok] = np.nanmedian(x[:, ok], axis=0)
+    return out
 
 
 def activation_patching(model: nn.Module, pb: PairBatch, *, what: Sequence[str] = ("resid", "heads", "mlp"),

@@ -177,6 +177,18 @@ def build_training_sae(spec: SAESpec, d_in: int):
     return sae
 
 
+def _sae_trainer_class():
+    """SAELens's `SAETrainer` with its progress bar advanced every step (it advances every 100 steps,
+    so a run of fewer steps showed 0/N until it ended)."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    class ProgressSAETrainer(SAETrainer):
+        def _update_pbar(self, step_output, pbar, update_interval: int = 100):
+            super()._update_pbar(step_output, pbar, update_interval=1)
+
+    return ProgressSAETrainer
+
+
 def train_sae(source: ActivationSource, spec: SAESpec, *, site: str | None = None):
     """Train an SAE with SAELens's `SAETrainer` on `source` (tensor (N, D) / (N, P, D), or a store).
 
@@ -184,8 +196,8 @@ def train_sae(source: ActivationSource, spec: SAESpec, *, site: str | None = Non
     mode; its `encode` / `decode` are what `save_sae` writes and `SAE.load_from_disk` reads back.
     """
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
 
+    _SAETrainer = _sae_trainer_class()
     site = spec.site if site is None else site
     d_in = _d_in(source, site)
     sae = build_training_sae(spec, d_in)
@@ -197,8 +209,8 @@ def train_sae(source: ActivationSource, spec: SAESpec, *, site: str | None = Non
         n_batches_for_norm_estimate=min(100, spec.steps), logger=LoggingConfig(log_to_wandb=False),
         n_checkpoints=0, save_final_checkpoint=False, checkpoint_path=None,
     )
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=activation_batches(source, spec.batch_size, site=site,
-                                                                          seed=spec.seed))
+    trainer = _SAETrainer(cfg=cfg, sae=sae, data_provider=activation_batches(source, spec.batch_size, site=site,
+                                                                           seed=spec.seed))
     sae = trainer.fit()
     for name, p in sae.named_parameters():
         if not torch.isfinite(p).all():

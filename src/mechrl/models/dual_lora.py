@@ -50,7 +50,7 @@ class DualLoRALinear(nn.Module):
     """A frozen linear layer plus a retain and a forget LoRA adapter (see the module docstring)."""
 
     def __init__(self, base: nn.Linear | Conv1D, retain_rank: int, retain_alpha: float, forget_rank: int,
-                 forget_alpha: float):
+                 forget_alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         if isinstance(base, nn.Linear):
             d_in, d_out = base.in_features, base.out_features
@@ -72,8 +72,9 @@ class DualLoRALinear(nn.Module):
         self.lora_B_retain = nn.Parameter(torch.zeros(d_out, retain_rank, dtype=w.dtype, device=w.device))
         self.lora_A_forget = nn.Parameter(torch.empty(forget_rank, d_in, dtype=w.dtype, device=w.device))
         self.lora_B_forget = nn.Parameter(torch.zeros(d_out, forget_rank, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A_retain, a=math.sqrt(5))  # as PEFT does
-        nn.init.kaiming_uniform_(self.lora_A_forget, a=math.sqrt(5))
+        # as PEFT does; from `generator` when given (a seeded run), else the global torch RNG
+        nn.init.kaiming_uniform_(self.lora_A_retain, a=math.sqrt(5), generator=generator)
+        nn.init.kaiming_uniform_(self.lora_A_forget, a=math.sqrt(5), generator=generator)
         self.retain_scale = 1.0
         self.forget_scale = 1.0
         self.blocked: frozenset[str] = frozenset()  # adapters whose parameters get no gradient (routing)
@@ -132,10 +133,12 @@ def _require(model: nn.Module) -> dict[str, DualLoRALinear]:
 
 
 def add_dual_lora(model: nn.Module, targets: list[str] | None, retain_rank: int, retain_alpha: float,
-                  forget_rank: int, forget_alpha: float) -> nn.Module:
+                  forget_rank: int, forget_alpha: float, *, seed: int | None = None) -> nn.Module:
     """Wrap every linear layer whose name ends in one of `targets` (None: the architecture's attention
     projections, as for PEFT LoRA) in a `DualLoRALinear`, in place; freeze everything else.
-    Returns `model`."""
+    `seed`: the adapters' A matrices are drawn from a generator seeded with it (layer by layer in
+    module order), so a run's initialisation depends on its seed alone; None draws from the global
+    torch RNG. Returns `model`."""
     if dual_lora_modules(model):
         raise ValueError(f"{type(model).__name__} already has dual LoRA adapters")
     if targets is None:
@@ -156,10 +159,14 @@ def add_dual_lora(model: nn.Module, targets: list[str] | None, retain_rank: int,
                          f"its linear layers: {names}")
     for p in model.parameters():
         p.requires_grad_(False)
+    gen = None
+    if seed is not None:
+        device = next(model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
     for name, base in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DualLoRALinear(base, retain_rank, retain_alpha, forget_rank, forget_alpha))
+        setattr(parent, child, DualLoRALinear(base, retain_rank, retain_alpha, forget_rank, forget_alpha, generator=gen))
     return model
 
 

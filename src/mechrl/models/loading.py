@@ -1,8 +1,8 @@
 """Loading Hugging Face causal LMs and tokenizers, and building tiny ones locally.
 
 `load_model(cfg, task)`:
-  - `cfg.path` set: a local folder, or a hub name (the only case in which anything downloads, and
-    only because the user named it). `trust_remote_code` stays off unless the config turns it on.
+  - `cfg.path` set: a local folder, or a hub name with `cfg.allow_hub` on (the only case in which
+    anything downloads). `trust_remote_code` stays off unless the config turns it on.
   - `cfg.path` unset: a tiny GPT-2 or Llama built from `cfg.tiny` around the task's tokenizer.
 
 Tokenizers are prepared the same way everywhere: a pad token (distinct from EOS when the vocabulary
@@ -78,20 +78,85 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code))
 
 
-def load_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "auto",
-                    trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a local folder or a hub name."""
-    path = str(path)
-    local = Path(path)
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise CheckpointError(f"{path}: not a model folder (no config.json)")
-    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise CheckpointError(f"checkpoint not found: {path}")
+#: Files of which a model folder's tokenizer needs at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def check_model_folder(path: Path) -> None:
+    """Raise `CheckpointError` naming the file unless `path` holds a loadable causal LM: a readable
+    config.json, safetensors weights whose header reads, and tokenizer files. Checked before
+    transformers sees the folder, whose own errors do not always say which file is at fault."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{path}: not a model folder (no config.json)")
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise CheckpointError(f"{config}: not a transformers model config (no model_type)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        weights = [path / f for f in shards]
     else:
-        log.info("loading %s from the Hugging Face hub (named by the user)", path)
+        weights = [path / "model.safetensors"]
+    for w in weights:
+        if not w.is_file():
+            pickled = [f.name for f in path.glob("*.bin")]
+            hint = f" (it has {pickled}: mechrl loads safetensors only)" if pickled else ""
+            raise CheckpointError(f"{path}: no weights file {w.name}{hint}")
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                if not list(f.keys()):
+                    raise CheckpointError(f"{w}: a safetensors file with no tensors")
+        except SafetensorError as e:
+            raise CheckpointError(f"{w}: not a readable safetensors file ({e})") from None
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                              "tokenizer with the model (tokenizer.save_pretrained(folder))")
+
+
+def resolve_model_path(path: str | Path, *, allow_hub: bool = False) -> str:
+    """`path` as a checked local model folder (`check_model_folder`), or as a hub name when `allow_hub`;
+    anything else raises `CheckpointError` at once (a name is never tried on the network unasked)."""
+    path = str(path)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{path}: a file, not a model folder")
+        check_model_folder(local)
+        return str(local)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not allow_hub:
+        raise CheckpointError(f"{path} is not a local folder; to download it from the Hugging Face hub, set "
+                              "model.allow_hub=true")
+    return path
+
+
+def load_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "auto",
+                    trust_remote_code: bool = False, allow_hub: bool = False
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local folder, or from the hub when `allow_hub` (only
+    then can anything download). A folder is checked first (`check_model_folder`); weights load from
+    safetensors only."""
+    path = resolve_model_path(path, allow_hub=allow_hub)
+    if not Path(path).is_dir():
+        log.info("loading %s from the Hugging Face hub (model.allow_hub is on)", path)
     tok = load_tokenizer(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as e:  # transformers' own "cannot load" errors; a bug elsewhere still raises
+        raise CheckpointError(f"{path}: transformers cannot load this model: {str(e).splitlines()[0]}") from e
     model.to(resolve_device(device))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -109,7 +174,8 @@ def load_model(cfg: ModelConfig, task=None, seed: int = 0) -> tuple[PreTrainedMo
     if cfg.builtin is not None:
         raise ValueError(f"unknown built-in model {cfg.builtin!r}")
     if cfg.path is not None:
-        return load_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        return load_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                               allow_hub=cfg.allow_hub)
     if task is None:
         raise ValueError("model.path is unset and no task was given to build a tiny model's tokenizer for")
     tok = prepare_tokenizer(task.build_tokenizer())

@@ -78,7 +78,8 @@ class DetectorSpec(Strict):
     """P(a flagged sample is reported flagged), before noise. 1: every flagged sample is reported."""
     label_noise: float = Field(0.0, ge=0, le=1)
     """P(any label is flipped), applied after coverage."""
-    seed: int = 0
+    seed: int | None = None
+    """Seed of the coverage and noise draws; None: the run's seed (so a seed sweep draws fresh labels)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class Detector:
     """A detector function with its parameters checked and its labels degraded as the spec says."""
 
     def __init__(self, spec: DetectorSpec):
+        if spec.seed is None:
+            raise ValueError(f"detector {spec.name!r}: its seed is unset; build it with build_detector(spec, "
+                             "run_seed=...) or give DetectorSpec.seed")
         self.spec = spec
         self.fn = get_detector(spec.name)
         self.params = _check_params(spec.name, self.fn, spec.params, kind="detector")
@@ -137,8 +141,13 @@ class Detector:
         self.rng.setstate((version, tuple(internal), gauss))
 
 
-def build_detector(spec: DetectorSpec) -> Detector:
-    """The detector `spec` names; names and parameters are checked now."""
+def build_detector(spec: DetectorSpec, run_seed: int | None = None) -> Detector:
+    """The detector `spec` names; names and parameters are checked now. Its coverage and noise draws
+    are seeded by `spec.seed`, or by `run_seed` when that is None (the usual case in a run)."""
+    if spec.seed is None:
+        if run_seed is None:
+            raise ValueError(f"detector {spec.name!r}: no seed (DetectorSpec.seed is None and no run_seed given)")
+        spec = spec.model_copy(update={"seed": int(run_seed)})
     return Detector(spec)
 
 

@@ -131,8 +131,9 @@ def _check_params(name: str, fn: RewardFn, params: dict[str, Any], kind: str = "
         raise ConfigError(f"{kind} {name!r}: " + "; ".join(problems))
     try:
         hints = typing.get_type_hints(fn)
-    except Exception:  # annotations that do not resolve here (TYPE_CHECKING imports): names are still checked
-        hints = {}
+    except NameError as e:  # parameters could not be type-checked: say so rather than skip the check
+        raise TypeError(f"{kind} {name!r} ({fn.__module__}.{fn.__qualname__}): its annotations do not resolve "
+                        f"({e}); annotate its parameters with types importable where it is defined") from None
     out = dict(params)
     for key, value in params.items():
         if key in hints:

@@ -42,6 +42,7 @@ from typing import Any
 
 from mechrl.config import ConfigError, load_config, parse_overrides, resolve_recipe
 from mechrl.errors import UserError
+from mechrl.runs.preflight import preflight
 from mechrl.runs.rundir import RunDir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ def plan_sweep(recipe: str | Path, grid_items: list[str], fixed_items: list[str]
     """Parse the grid, build and validate every trial's config (nothing runs, nothing is written).
 
     Raises ConfigError naming the trial for the first config that does not validate (an unknown
-    key, a bad value), and when two trials would get the same run name."""
+    key, a bad value) or would fail at its start (`preflight`: an unknown reward, a missing model
+    folder), and when two trials would get the same run name."""
     path = resolve_recipe(recipe).resolve()
     grid = parse_grid(grid_items)
     fixed = parse_fixed(list(fixed_items or []), grid)
@@ -195,7 +197,8 @@ def plan_sweep(recipe: str | Path, grid_items: list[str], fixed_items: list[str]
         overrides = [*fixed, *point, *placement]
         try:
             cfg, name = load_config(path, overrides)
-        except ConfigError as e:
+            preflight(cfg)  # unknown rewards, missing model folders, ...: before any trial runs
+        except UserError as e:
             raise ConfigError(f"{e} [sweep trial {i + 1}/{len(combos)}: {' '.join(point)}]") from None
         if name in seen:
             raise ConfigError(f"sweep trials {seen[name] + 1} and {i + 1} get the same run name {name!r} "

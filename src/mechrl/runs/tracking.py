@@ -15,6 +15,9 @@ A sink whose package is missing is an error that names the package to install, n
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import importlib
 import logging
 from pathlib import Path
@@ -60,7 +63,11 @@ class WandbSink:
         self.run.log(metrics, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        # trackio prints "Uploading logs to Trackio" while it writes its *local* SQLite store (space_id is
+        # None: nothing leaves the machine); that line reads as a network upload, so it is not shown
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.run.finish()
+        log.debug("trackio: run %s written to the local store under TRACKIO_DIR", self.run.name)
 
 
 class TensorBoardSink:
@@ -90,7 +97,11 @@ class TrackioSink:
         self.run.log(metrics, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        # trackio prints "Uploading logs to Trackio" while it writes its *local* SQLite store (space_id is
+        # None: nothing leaves the machine); that line reads as a network upload, so it is not shown
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.run.finish()
+        log.debug("trackio: run %s written to the local store under TRACKIO_DIR", self.run.name)
 
 
 class MultiTracker:

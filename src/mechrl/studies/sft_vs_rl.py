@@ -136,7 +136,7 @@ def format_summary(summary: dict) -> str:
 
         a = summary["analysis"]
         parts.append(f"== analysis ({a['preset']} preset, {a['wall_time_s']:.0f} s; {a['dir']}) ==\n"
-                     + format_headline({k: a[k] for k in ("sft", "grpo", "jaccard_top10") if k in a}))
+                     + format_headline({k: a[k] for k in ("sft", "grpo", "jaccard_top10", "top10_sizes") if k in a}))
     return "\n".join(parts)
 
 

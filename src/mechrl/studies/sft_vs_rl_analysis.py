@@ -367,7 +367,7 @@ def analyze(checkpoints: Mapping[str, str | Path], task, what: Iterable[str] = W
 
 def _compare(results: Mapping[str, dict], what, p: AnalysisPreset, root: Path, figures: dict) -> dict:
     """Cross-checkpoint comparisons: probe curves (plot), ablation top-k Jaccard per split and pair of checkpoints."""
-    from mechrl.analysis.ablation import compare_top_k, top_k
+    from mechrl.analysis.ablation import compare_top_k, top_k, top_k_sizes
     from mechrl.analysis.plots import jaccard_bar
 
     names = list(results)
@@ -384,8 +384,10 @@ def _compare(results: Mapping[str, dict], what, p: AnalysisPreset, root: Path, f
         png = profile_figure(per)
         _write_png(png, root / "ablation_profiles.png")
         figures["ablation"].append(Figure(png, "per-layer importance (heads summed, MLP), per split and checkpoint"))
+        # top-k sets keep ties together and leave out components whose ablation changes nothing
         compare["ablation_top_k"] = {n: {s: sorted(top_k(r, min(10, len(r["importance"]))))
                                           for s, r in per[n].items()} for n in names}
+        compare["top_k_sizes"] = {n: top_k_sizes(per[n], p.top_ks) for n in names}
         pairs = {}
         for i, a in enumerate(names):
             for b in names[i + 1:]:
@@ -430,10 +432,16 @@ def _headline(results: Mapping[str, dict], compare: Mapping, what) -> dict:
             h["sae"] = {"site": r["sae"]["site"], "fvu": m["fvu"], "l0": m["l0"], "n_dead": m["n_dead"],
                         "d_sae": m["d_sae"], "delta_lm_loss": r["sae"]["splice"]["delta"]}
         head[n] = h
-    if "jaccard" in compare:
-        head["jaccard_top10"] = {pair: {s: v.get(10, v[max(v)]) for s, v in by_split.items()}
+    if "jaccard" in compare:  # None: no component above zero importance in either checkpoint
+        head["jaccard_top10"] = {pair: {s: _none_if_nan(v.get(10, v[max(v)])) for s, v in by_split.items()}
                                  for pair, by_split in compare["jaccard"].items()}
+        head["top10_sizes"] = {n: {s: v.get(10, v[max(v)]) for s, v in by_split.items()}
+                               for n, by_split in compare["top_k_sizes"].items()}
     return head
+
+
+def _none_if_nan(v: float) -> float | None:
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def _fmt(v) -> str:
@@ -512,7 +520,12 @@ def format_headline(headline: Mapping) -> str:
         if n == "jaccard_top10":
             for pair, by in h.items():
                 lines.append(f"Jaccard top-10 {pair.replace('|', ' vs ')}: "
-                             + ", ".join(f"{s} {v:.2f}" for s, v in by.items()))
+                             + ", ".join(f"{s} {_fmt(v)}" for s, v in by.items()))
+            continue
+        if n == "top10_sizes":
+            for ck, by in h.items():
+                lines.append(f"top-10 set sizes {ck} (ties kept, zero importance left out): "
+                             + ", ".join(f"{s} {v}" for s, v in by.items()))
             continue
         parts = []
         for label, b in h.get("best_probe", {}).items():

@@ -27,6 +27,9 @@ class Task(ABC):
     name: str
     #: Column that splits results into groups in every report (e.g. the rule family).
     group_key: str | None = None
+    #: Whether `judge` says if an answer is correct. A task without gold answers (story continuation)
+    #: is judged by its rewards, and the training loops do not log an "accuracy" for it.
+    judges_answers: bool = True
 
     @cached_property
     def datasets(self) -> DatasetDict:

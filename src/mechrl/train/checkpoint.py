@@ -13,6 +13,7 @@
                                                    in a multi-process run)
       resume/<name>.safetensors                    extra trained modules of the loop (e.g. PPO's value head)
       resume/state.json                            step, Python RNG state, environment state, extras
+      mechrl_task.yaml                             the task config (`mechrl eval` judges with it)
 
 A checkpoint is written into `checkpoints/.partial-step-N/` and renamed when complete, so a run
 killed mid-save never leaves something that looks like a checkpoint.
@@ -30,9 +31,11 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from mechrl.config import config_to_yaml
 from mechrl.models.adapters import merged_model
 from mechrl.models.dual_lora import dual_lora_modules, load_dual_lora, merged_dual_lora, save_dual_lora
-from mechrl.runs.rundir import RunDir, atomic_write_json
+from mechrl.models.loading import CheckpointError
+from mechrl.runs.rundir import CHECKPOINT_TASK_FILE, RunDir, atomic_write_json, atomic_write_text
 
 PARTIAL_PREFIX = ".partial-"
 #: The dual LoRA adapters of a gradient-routing run (`models/dual_lora.py` format; ranks detected on load).
@@ -47,7 +50,7 @@ def _py_random_state() -> list:
 def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, scheduler,
                     generator: torch.Generator | None, state: dict[str, Any],
                     modules: dict[str, torch.nn.Module] | None = None,
-                    rank_generator_states: list[torch.Tensor] | None = None) -> Path:
+                    rank_generator_states: list[torch.Tensor] | None = None, task_config=None) -> Path:
     """Write `checkpoints/step-{step}` (see the module docstring) and return its path.
     `rank_generator_states`: the sampling-generator states of ranks 1.. of a multi-process run
     (rank 0's is `generator`)."""
@@ -60,6 +63,8 @@ def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, sch
     dual = bool(dual_lora_modules(policy))
     (merged_dual_lora(policy) if dual else merged_model(policy)).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if task_config is not None:
+        atomic_write_text(tmp / CHECKPOINT_TASK_FILE, config_to_yaml(task_config))
     if isinstance(policy, PeftModel):
         policy.save_pretrained(tmp / "adapter", safe_serialization=True)
     if dual:
@@ -86,6 +91,33 @@ def save_checkpoint(run: RunDir, step: int, *, policy, tokenizer, optimizer, sch
     return final
 
 
+def check_resumable(path: Path, *, policy=None, modules: dict | None = None) -> None:
+    """Raise `CheckpointError` naming every missing part unless the run can resume from `path` exactly
+    (a fresh optimizer or schedule would change the run without a word)."""
+    res = path / "resume"
+    need = ["resume/state.json", "resume/optimizer.pt", "resume/scheduler.pt", "resume/rng.safetensors"]
+    need += [f"resume/{name}.safetensors" for name in (modules or {})]
+    if isinstance(policy, PeftModel):
+        need.append("adapter/adapter_model.safetensors")
+    elif policy is not None and dual_lora_modules(policy):
+        need.append(DUAL_LORA_FILE)
+    else:
+        need.append("model.safetensors")
+    missing = [f for f in need if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed from: missing {', '.join(missing)}; delete this "
+                              "checkpoint to resume from the previous one, or use --force to start over")
+    try:
+        state = json.loads((res / "state.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{res / 'state.json'}: not valid JSON ({e}); delete this checkpoint to resume "
+                              "from the previous one") from None
+    for key in ("step", "python_random"):
+        if key not in state:
+            raise CheckpointError(f"{res / 'state.json'}: no {key!r}; delete this checkpoint to resume from the "
+                                  "previous one")
+
+
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torch.Generator | None,
                     modules: dict[str, torch.nn.Module] | None = None, rank: int = 0) -> dict:
     """Restore optimizer, scheduler, RNG (and a LoRA adapter's weights) from `path`; returns the
@@ -94,8 +126,7 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler, generator: torc
     loaded here into the policy, whose base the caller built from the run's config. `rank`: whose sampling-generator state
     to restore in a multi-process run."""
     res = path / "resume"
-    if not (res / "state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a resumable checkpoint (no resume/state.json)")
+    check_resumable(path, policy=policy, modules=modules)
     if isinstance(policy, PeftModel):
         adapter = path / "adapter" / "adapter_model.safetensors"
         if not adapter.is_file():

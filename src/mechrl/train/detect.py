@@ -12,7 +12,8 @@ measurement only), and their rates are logged under `<prefix>/`:
     flag_recall      of the true hacks, the share reported (omitted at steps without a true hack)
     flag_precision   of the reported, the share that are true hacks (omitted at steps without a flag)
 
-The detector's random state (for coverage and noise) is kept in the run's checkpointed extras,
+The detector's coverage and noise draws are seeded by its `seed`, or by the run's seed when that is
+unset (the default). Its random state is kept in the run's checkpointed extras,
 so a resumed run reports exactly the labels an uninterrupted one would.
 """
 
@@ -33,8 +34,9 @@ class DetectorHooks(GRPOHooks):
     #: namespace of the logged label metrics
     prefix = "detector"
 
-    def __init__(self, detector: dict, *, single_process_reason: str):
-        self.detector = build_detector(DetectorSpec.model_validate(detector))
+    def __init__(self, detector: dict, *, run_seed: int, single_process_reason: str):
+        # an unset detector seed is the run's: each seed of a sweep draws its own coverage and noise
+        self.detector = build_detector(DetectorSpec.model_validate(detector), run_seed=run_seed)
         self._single = single_process_reason
         self._restored = False
 

@@ -40,6 +40,7 @@ import torch
 
 from mechrl.config import GRPORunConfig
 from mechrl.envs import StepResult
+from mechrl.errors import TrainingDiverged
 from mechrl.runs.rundir import RunDir
 from mechrl.train.losses import group_advantages, grpo_loss
 from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
@@ -197,7 +198,8 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
         st.dist.average_gradients(params)  # the global batch's gradient on every process
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"GRPO: gradient norm is {grad_norm.item()} (loss {total_loss.item()})")
+            raise TrainingDiverged(f"GRPO: gradient norm is {grad_norm.item()} (loss {total_loss.item()}); training "
+                                   f"diverged (train.lr={t.lr:g}; a lower one may help)")
         st.optimizer.step()
     st.scheduler.step()
     return total_loss, grad_norm, loss_metrics

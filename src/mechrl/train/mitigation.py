@@ -43,7 +43,7 @@ class MitigationHooks(DetectorHooks):
             raise ValueError("MitigationHooks: mitigation.detector is required")
         if cfg.routing.enabled:
             raise ValueError("MitigationHooks: routing is enabled; the baselines run without it")
-        super().__init__(m.detector, single_process_reason=f"mitigation.method={m.method}")
+        super().__init__(m.detector, run_seed=cfg.seed, single_process_reason=f"mitigation.method={m.method}")
         self.cfg = cfg
         self.method = m.method
         self.penalty = m.penalty

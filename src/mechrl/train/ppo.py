@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from mechrl.config import PPORunConfig
 from mechrl.envs import StepResult
+from mechrl.errors import TrainingDiverged
 from mechrl.runs.rundir import RunDir
 from mechrl.train.losses import entropy_from_logits, gae, masked_whiten, ppo_policy_loss, ppo_value_loss
 from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
@@ -169,7 +170,8 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
                 st.dist.average_gradients(params)  # the global minibatch's gradient on every process
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                 if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"PPO: gradient norm is {grad_norm.item()} (loss {loss_total.item()})")
+                    raise TrainingDiverged(f"PPO: gradient norm is {grad_norm.item()} (loss {loss_total.item()}); training "
+                                           f"diverged (train.lr={t.lr:g}; a lower one may help)")
                 st.optimizer.step()
                 n_updates += 1
         st.scheduler.step()

@@ -25,12 +25,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechrl.config import EarlyStopConfig, RLRunConfig
 from mechrl.envs import EnvItem, TextEnv, build_env
-from mechrl.errors import UserError
-from mechrl.evaluate import evaluate, flat_metrics
+from mechrl.errors import TrainingDiverged, UserError
+from mechrl.evaluate import evaluate, flat_metrics, pick_samples
 from mechrl.models.adapters import add_lora, frozen_copy, trainable_parameters
 from mechrl.models.dual_lora import dual_lora_modules
 from mechrl.models.loading import load_model, load_pretrained
-from mechrl.runs.report import write_run_report
 from mechrl.runs.rundir import RunDir
 from mechrl.tasks import build_task
 from mechrl.tasks.base import Task
@@ -161,6 +160,8 @@ def setup_rl(cfg: RLRunConfig, run: RunDir, *, need_ref: bool, model=None, token
             run.truncate_after(step)
         state.start_step = step
         log.info("resuming %s from %s", run.path.name, path)
+    elif dist.is_main:
+        run.truncate_after(None)  # nothing complete to resume from: the run starts over
     return state
 
 
@@ -180,20 +181,25 @@ def checkpoint(st: RLState, step: int) -> Path:
         path = save_checkpoint(st.run, step, policy=st.policy, tokenizer=st.tokenizer, optimizer=st.optimizer,
                                scheduler=st.scheduler, generator=st.generator,
                                state={"env": st.env.state_dict(), "extra": st.extra, "world_size": st.dist.world},
-                               modules=st.modules, rank_generator_states=states[1:])
+                               modules=st.modules, rank_generator_states=states[1:], task_config=st.cfg.task)
     st.dist.barrier()  # nobody goes on (or resumes) before the checkpoint is complete
     return path
 
 
-def evaluate_and_log(st: RLState, step: int, *, final: bool) -> dict:
-    """Greedy evaluation of every split; written to eval/step-N.json and metrics.jsonl (rank 0 only)."""
+def evaluate_and_log(st: RLState, step: int, *, final: bool) -> dict | None:
+    """Greedy evaluation of every split (rank 0 only): metrics to metrics.jsonl, `eval.n_samples`
+    completions per split to samples.jsonl, then eval/step-N.json. Tasks with no notion of a
+    correct answer (stories: `task.judges_answers` false) are not evaluated; None then."""
     cfg = st.cfg
+    if not st.task.judges_answers:
+        return None
     n = cfg.eval.n_final if final else cfg.eval.n_per_split
     result = evaluate(st.policy, st.tokenizer, st.task, n=n, batch_size=cfg.eval.batch_size,
                       max_new_tokens=cfg.eval.max_new_tokens, progress=False)
     result["step"] = step
-    st.run.write_eval(step, {k: v for k, v in result.items() if k != "samples"})
     st.run.log_metrics(step, flat_metrics(result))
+    st.run.log_samples(pick_samples(result["samples"], cfg.eval.n_samples, step))
+    st.run.write_eval(step, {k: v for k, v in result.items() if k != "samples"})
     acc = {s: round(r["accuracy"], 3) for s, r in result["splits"].items()}
     log.info("step %d: eval accuracy %s", step, acc)
     return result
@@ -206,9 +212,10 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
 
 
 def check_finite(metrics: dict[str, float], where: str) -> None:
+    """Raise `TrainingDiverged` (one line for the user, the run marked failed) on a NaN or inf metric."""
     bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
-        raise FloatingPointError(f"{where}: non-finite values {bad}")
+        raise TrainingDiverged(f"{where}: non-finite values {bad}; training diverged (a lower train.lr may help)")
 
 
 def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -274,63 +281,76 @@ def run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_re
     """The outer loop every RL algorithm shares: set up or resume, evaluate the starting point,
     run `step_fn` for each step, log metrics and samples, evaluate and checkpoint on schedule.
     Returns the final checkpoint. In a multi-process launch every rank runs this loop; rank 0
-    alone logs, evaluates and writes (the others wait for it at the checkpoint's barrier)."""
+    alone logs, evaluates and writes (the others wait for it at the checkpoint's barrier). Any
+    failure leaves status.json "failed" with the reason."""
     handler = None if run.readonly else run.attach_log()
     try:
-        t = cfg.train
-        torch.manual_seed(cfg.seed)
-        st = setup_rl(cfg, run, need_ref=need_ref, model=model, tokenizer=tokenizer, task=task,
-                      make_modules=make_modules)
-        if st.start_step >= t.max_steps or "stopped_early" in st.extra:
-            log.info("already finished: %s", run.checkpoint_path(st.start_step))
-            return run.checkpoint_path(st.start_step)
-        stopper = EarlyStopper(t.early_stop, st.extra) if t.early_stop is not None else None
-        main = st.dist.is_main
-        if main:
-            run.set_status("running", kind=kind)
-            log.info("%s %s: %s (%d processes)", kind.upper(), run.path.name, t.model_dump_json(), st.dist.world)
-            if st.start_step == 0:
-                evaluate_and_log(st, 0, final=False)  # the starting point, for comparison
-        timer = Timer()
-        for step in tqdm(range(st.start_step + 1, t.max_steps + 1), desc=kind, initial=st.start_step,
-                         total=t.max_steps, disable=not main):
-            timer.totals.clear()
-            # metrics come back reduced over ranks; samples are this rank's; n_tokens its own count
-            metrics, samples, n_tokens = step_fn(st, timer, step)
-            n_tokens = int(st.dist.sum(n_tokens).item())
-            step_s = sum(timer.totals.values())  # this rank's; ranks meet at every gradient all-reduce
-            metrics.update({f"time/{k}_s": v for k, v in timer.totals.items()})
-            metrics["time/step_s"] = step_s
-            metrics["throughput/tokens_per_s"] = n_tokens / max(step_s, 1e-9)
-            st.extra["train_time_s"] = st.extra.get("train_time_s", 0.0) + step_s  # saved with checkpoints
-            stop = stopper.check(step, metrics) if stopper is not None else None
-            if stop is not None:
-                st.extra["stopped_early"] = stop  # saved with this step's checkpoint: a rerun stays stopped
-            final = step == t.max_steps or stop is not None
-            if main and (step % t.log_every == 0 or final):
-                run.log_metrics(step, metrics)
-            if main and step % t.sample_every == 0 and t.n_samples:
-                run.log_samples(samples[:t.n_samples])
-            # evaluate before checkpointing: a kill between the two redoes the step's evaluation
-            if main and (step % t.eval_every == 0 or final):
-                evaluate_and_log(st, step, final=final)
-            if step % t.save_every == 0 or step % t.eval_every == 0 or final:
-                checkpoint(st, step)  # collective: the other ranks wait here for rank 0's evaluation
-            if stop is not None:
-                log.warning("early stop at step %d: the %d-step mean of %s is %.4g (%s %g)", step, stop["window"],
-                            stop["metric"], stop["moving_average"], "above" if stop["above"] is not None else "below",
-                            stop["above"] if stop["above"] is not None else stop["below"])
-                break
-        last = st.extra["stopped_early"]["step"] if "stopped_early" in st.extra else t.max_steps
-        final_path = run.checkpoint_path(last)
-        if main:
-            run.set_status("finished", kind=kind, final_checkpoint=str(final_path),
-                           train_time_s=st.extra.get("train_time_s", 0.0),
-                           stopped_early=st.extra.get("stopped_early"))
-            write_run_report(run.path)
-        return final_path
+        with run.failure_status(kind):
+            return _run_rl(cfg, run, kind, step_fn, need_ref=need_ref, model=model, tokenizer=tokenizer,
+                           task=task, make_modules=make_modules)
     finally:
         run.close()
         if handler is not None:
             logging.getLogger("mechrl").removeHandler(handler)
             handler.close()
+
+
+def _run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_ref: bool, model, tokenizer,
+            task, make_modules) -> Path:
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    st = setup_rl(cfg, run, need_ref=need_ref, model=model, tokenizer=tokenizer, task=task,
+                  make_modules=make_modules)
+    main = st.dist.is_main
+    if st.start_step >= t.max_steps or "stopped_early" in st.extra:
+        final_path = run.checkpoint_path(st.start_step)
+        if main and run.needs_finish:  # killed after the final checkpoint, before the run was marked finished
+            _finish(st, kind, final_path)
+        log.info("already finished: %s", final_path)
+        return final_path
+    stopper = EarlyStopper(t.early_stop, st.extra) if t.early_stop is not None else None
+    if main:
+        run.set_status("running", kind=kind)
+        log.info("%s %s: %s (%d processes)", kind.upper(), run.path.name, t.model_dump_json(), st.dist.world)
+        if st.start_step == 0:
+            evaluate_and_log(st, 0, final=False)  # the starting point, for comparison
+    timer = Timer()
+    for step in tqdm(range(st.start_step + 1, t.max_steps + 1), desc=kind, initial=st.start_step,
+                     total=t.max_steps, disable=not main):
+        timer.totals.clear()
+        # metrics come back reduced over ranks; samples are this rank's; n_tokens its own count
+        metrics, samples, n_tokens = step_fn(st, timer, step)
+        n_tokens = int(st.dist.sum(n_tokens).item())
+        step_s = sum(timer.totals.values())  # this rank's; ranks meet at every gradient all-reduce
+        metrics.update({f"time/{k}_s": v for k, v in timer.totals.items()})
+        metrics["time/step_s"] = step_s
+        metrics["throughput/tokens_per_s"] = n_tokens / max(step_s, 1e-9)
+        st.extra["train_time_s"] = st.extra.get("train_time_s", 0.0) + step_s  # saved with checkpoints
+        stop = stopper.check(step, metrics) if stopper is not None else None
+        if stop is not None:
+            st.extra["stopped_early"] = stop  # saved with this step's checkpoint: a rerun stays stopped
+        final = step == t.max_steps or stop is not None
+        if main and (step % t.log_every == 0 or final):
+            run.log_metrics(step, metrics)
+        if main and step % t.sample_every == 0 and t.n_samples:
+            run.log_samples(samples[:t.n_samples])
+        # evaluate before checkpointing: a kill between the two redoes the step's evaluation
+        if main and (step % t.eval_every == 0 or final):
+            evaluate_and_log(st, step, final=final)
+        if step % t.save_every == 0 or step % t.eval_every == 0 or final:
+            checkpoint(st, step)  # collective: the other ranks wait here for rank 0's evaluation
+        if stop is not None:
+            log.warning("early stop at step %d: the %d-step mean of %s is %.4g (%s %g)", step, stop["window"],
+                        stop["metric"], stop["moving_average"], "above" if stop["above"] is not None else "below",
+                        stop["above"] if stop["above"] is not None else stop["below"])
+            break
+    last = st.extra["stopped_early"]["step"] if "stopped_early" in st.extra else t.max_steps
+    final_path = run.checkpoint_path(last)
+    if main:
+        _finish(st, kind, final_path)
+    return final_path
+
+
+def _finish(st: RLState, kind: str, final_path: Path) -> None:
+    st.run.finish(kind, final_checkpoint=str(final_path), train_time_s=st.extra.get("train_time_s", 0.0),
+                  stopped_early=st.extra.get("stopped_early"))

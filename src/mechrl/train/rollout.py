@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from mechrl.errors import TrainingDiverged
+
 
 @dataclass
 class Rollout:
@@ -191,7 +193,8 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
         if switch:
             model.set_attn_implementation(impl)
     if not bool(torch.isfinite(logprobs).all()):
-        raise FloatingPointError("generate: the model produced non-finite logits (NaN or inf)")
+        raise TrainingDiverged("generate: the model produced non-finite logits (NaN or inf); if it is being "
+                               "trained, training diverged (a lower train.lr may help)")
     if stop_strings:
         _cut_at_stop(tok, ids, mask, logprobs, stop_strings, tok.pad_token_id)
     width = int(mask.any(0).nonzero().max()) + 1  # drop trailing columns where no row is live

@@ -70,7 +70,7 @@ class RoutingHooks(DetectorHooks):
         r = cfg.routing
         if not r.enabled or r.detector is None:
             raise ValueError("RoutingHooks: routing.enabled with a routing.detector is required")
-        super().__init__(r.detector, single_process_reason="gradient routing")
+        super().__init__(r.detector, run_seed=cfg.seed, single_process_reason="gradient routing")
         self.cfg = cfg
         self.routing: RoutingConfig = r
         self.eval_rewards = eval_reward_components(cfg)
@@ -123,8 +123,7 @@ class RoutingHooks(DetectorHooks):
         st.policy.eval()
         try:
             result = evaluate_routing(st.policy, st.tokenizer, prompts, examples, self.eval_rewards,
-                                      max_new_tokens=self.cfg.train.max_new_tokens,
-                                      temperature=self.cfg.train.temperature, seed=self.routing.eval_seed)
+                                      **eval_sampling(self.cfg))
         finally:
             st.policy.train(was_training)
         result["step"] = step
@@ -166,8 +165,9 @@ def run_routed_grpo(cfg: GRPORunConfig, run: RunDir, *, model=None, tokenizer=No
         model, tokenizer = load_model(cfg.model, task, seed=cfg.seed)
     elif tokenizer is None:
         raise ValueError("run_routed_grpo: a model was given without its tokenizer")
-    if not dual_lora_modules(model):
-        add_dual_lora(model, r.target_modules, r.retain_rank, r.retain_alpha, r.forget_rank, r.forget_alpha)
+    if not dual_lora_modules(model):  # seeded: the same seed gives the same adapters in any process
+        add_dual_lora(model, r.target_modules, r.retain_rank, r.retain_alpha, r.forget_rank, r.forget_alpha,
+                      seed=cfg.seed)
     _check_policy(model)
     return run_grpo(cfg, run, model=model, tokenizer=tokenizer, task=task, hooks=RoutingHooks(cfg))
 
@@ -209,10 +209,18 @@ def diversity(texts: Sequence[str]) -> dict[str, float | bool]:
             "degenerate": bool(jac > DEGENERATE_JACCARD or unique < DEGENERATE_UNIQUE)}
 
 
+def eval_sampling(cfg: GRPORunConfig) -> dict:
+    """How the routing evaluation samples: as training does (max_new_tokens, temperature, top_k,
+    top_p), in batches of `eval.batch_size`, from its own generator (`routing.eval_seed`)."""
+    t = cfg.train
+    return dict(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+                seed=cfg.routing.eval_seed, batch_size=cfg.eval.batch_size)
+
+
 @torch.no_grad()
 def evaluate_routing(model, tokenizer, prompts: list[str], examples: list[dict], rewards: dict[str, Reward], *,
-                     max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
-                     batch_size: int = 64) -> dict:
+                     max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                     seed: int = 0, batch_size: int = 64) -> dict:
     """Sample one completion per prompt in each adapter mode (`MODES`) with a generator seeded by
     `seed` (so the modes see the same random stream) and score them. Returns {modes: {mode:
     {scales, rewards: {component: mean}, unique_frac, mean_jaccard, degenerate, samples}}, ...}."""
@@ -228,7 +236,7 @@ def evaluate_routing(model, tokenizer, prompts: list[str], examples: list[dict],
             for i in range(0, len(prompts), batch_size):
                 ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size], device)
                 roll = generate(model, tokenizer, prompt_ids=ids, prompt_mask=mask, max_new_tokens=max_new_tokens,
-                                temperature=temperature, generator=gen)
+                                temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
                 texts += roll.texts
         comps = {}
         for name, reward in rewards.items():
@@ -282,8 +290,6 @@ def evaluate_routing_checkpoint(checkpoint: str | Path, n: int | None = None) ->
     info = load_dual_lora(model, weights)
     model.eval()
     prompts, examples = eval_prompts(task, n or cfg.routing.eval_n)
-    result = evaluate_routing(model, tok, prompts, examples, eval_reward_components(cfg),
-                              max_new_tokens=cfg.train.max_new_tokens, temperature=cfg.train.temperature,
-                              seed=cfg.routing.eval_seed)
+    result = evaluate_routing(model, tok, prompts, examples, eval_reward_components(cfg), **eval_sampling(cfg))
     result.update(checkpoint=str(ckpt), adapters=info)
     return result

@@ -8,6 +8,7 @@ side by side and the hyperparameters that differ. Studies append their own `Sect
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from mechrl.runs.rundir import atomic_write_text
 SAMPLES_PER_GROUP = 3   # completions shown per (step, split)
 MAX_SAMPLE_STEPS = 8    # steps with samples shown per run (first, last and evenly between)
 _ABSENT = "(absent)"
+log = logging.getLogger(__name__)
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -189,10 +191,24 @@ def build_report(runs: Sequence[str | Path | RunData], out: str | Path, *,
         sections += [Section(f"Run {label}", subsections=run_sections(r)) for label, r in by_label.items()]
         title = title or f"Comparison of {len(data)} runs: {', '.join(labels)}"
     sections += list(extra_sections)
+    skipped = [line for r in data for line in r.skipped]
+    if skipped:  # first, so that no reader misses it
+        for line in skipped:
+            log.warning("report: skipped %s", line)
+        sections.insert(0, Section("Skipped while reading", text=f"{len(skipped)} damaged record(s) could not be "
+                                   "read and are left out of everything below.",
+                                   tables=[Table(["file:line", "why"], [list(_split_skip(x)) for x in skipped],
+                                                 kind="skipped", text_columns=(0, 1))]))
     intro = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by mechrl from "
              + ", ".join(str(r.path) for r in data) + ".")
     atomic_write_text(out, render_page(title, sections, intro))
     return out
+
+
+def _split_skip(line: str) -> tuple[str, str]:
+    """"<file>[:<line>]: why" -> (where, why)."""
+    head, _, why = line.partition(": ")
+    return head, why
 
 
 def write_run_report(run_dir: str | Path) -> Path:

@@ -1,22 +1,25 @@
 """Reading one run directory (the layout in `mechrl/runs/rundir.py`) into plain data for a report.
 
-A path that is not a run directory, a config that is not YAML, a metrics line that is not JSON:
-each is a `ReportError` (a `UserError`) naming the file. Missing metrics, evaluations or samples
-are not errors: a running or just-started run has none yet, and the report says so.
+A path that is not a run directory or a config that is not YAML is a `ReportError` (a `UserError`)
+naming the file. A damaged record (a metrics or samples line that is not JSON, an evaluation or
+status file that does not parse) is skipped and listed in `RunData.skipped`, which the report shows
+first: a report of what can be read, with what could not, beats no report. Missing metrics,
+evaluations or samples are not errors: a running or just-started run has none yet, and the report
+says so.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mechrl.errors import UserError
-from mechrl.runs.rundir import read_jsonl
+from mechrl.runs.rundir import read_jsonl_lenient
 
 _EVAL_NAME = re.compile(r"^step-(\d+)\.json$")
 
@@ -33,6 +36,7 @@ class RunData:
     evals: dict[int, dict[str, Any]]    # checkpoint step -> eval/step-N.json
     samples: list[dict[str, Any]]       # samples.jsonl rows
     status: dict[str, Any]              # status.json ({"status": "new"} when absent)
+    skipped: list[str] = field(default_factory=list)  # "file[:line]: why" of each damaged record left out
 
     @property
     def name(self) -> str:
@@ -53,31 +57,41 @@ def load_run(path: str | Path) -> RunData:
         raise ReportError(f"{config_path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise ReportError(f"{config_path}: expected a mapping of config keys, got {type(config).__name__}")
-    metrics = _read_records(path / "metrics.jsonl")
-    for i, row in enumerate(metrics, 1):
-        if not isinstance(row.get("step"), int):
-            raise ReportError(f"{path / 'metrics.jsonl'}:{i}: a metrics record without an integer 'step'")
+    skipped: list[str] = []
+    metrics = _read_records(path / "metrics.jsonl", skipped)
+    keep = []
+    for row in metrics:
+        if isinstance(row.get("step"), int):
+            keep.append(row)
+        else:
+            skipped.append(f"{path / 'metrics.jsonl'}: a record without an integer 'step': {str(row)[:80]}")
+    metrics = keep
     evals = {}
     eval_dir = path / "eval"
     if eval_dir.is_dir():
-        for p in eval_dir.iterdir():
+        for p in sorted(eval_dir.iterdir()):
             m = _EVAL_NAME.match(p.name)
             if m:
-                evals[int(m.group(1))] = _read_eval(p)
+                try:
+                    evals[int(m.group(1))] = _read_eval(p)
+                except ReportError as e:
+                    skipped.append(str(e))
     status_path = path / "status.json"
-    status = _read_json(status_path) if status_path.exists() else {"status": "new"}
+    status = {"status": "new"}
+    if status_path.exists():
+        try:
+            status = _read_json(status_path)
+        except ReportError as e:
+            skipped.append(str(e))
+            status = {"status": "unreadable"}
+    samples = _read_records(path / "samples.jsonl", skipped)
     return RunData(path=path, config=config, metrics=metrics, evals=dict(sorted(evals.items())),
-                   samples=_read_records(path / "samples.jsonl"), status=status)
+                   samples=samples, status=status, skipped=skipped)
 
 
-def _read_records(path: Path) -> list[dict]:
-    try:
-        rows = read_jsonl(path)
-    except ValueError as e:  # read_jsonl names the file and line
-        raise ReportError(str(e)) from None
-    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict)]
-    if bad:
-        raise ReportError(f"{path}:{bad[0]}: expected a JSON object per line")
+def _read_records(path: Path, skipped: list[str]) -> list[dict]:
+    rows, bad = read_jsonl_lenient(path)
+    skipped += [f"{path}:{i}: {why}" for i, why in bad]
     return rows
 
 

@@ -108,7 +108,9 @@ def story_base_model(cfg: StoryModelConfig | None = None) -> Path:
                                "to rebuild it")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    _remove_orphaned_builds(out)
+    # the temporary name carries the builder's pid, so a later build can tell an orphan from a live build
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-pid{os.getpid()}-", dir=out.parent))
     threads = torch.get_num_threads()
     try:
         if cfg.threads is not None:
@@ -125,6 +127,28 @@ def story_base_model(cfg: StoryModelConfig | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def _remove_orphaned_builds(out: Path) -> None:
+    """Delete temporary build folders of `out` whose building process is gone (killed mid-build)."""
+    for p in out.parent.glob(f".{out.name}-*"):
+        pid = p.name[len(out.name) + 2:].split("-")[0]
+        alive = True
+        if pid.startswith("pid") and pid[3:].isdigit():
+            try:
+                os.kill(int(pid[3:]), 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:  # another user's live process
+                pass
+        else:
+            alive = False  # a folder from before pids were recorded: no build of this version writes it
+        if not alive and p.is_dir():
+            log.info("removing %s, left by a story-model build that was killed", p)
+            try:
+                shutil.rmtree(p)
+            except FileNotFoundError:  # another process removed it first
+                pass
 
 
 def _batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

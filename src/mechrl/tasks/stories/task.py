@@ -22,6 +22,7 @@ from mechrl.tasks.stories.tokenizer import build_story_tokenizer
 class StoriesTask(Task):
     name = "stories"
     group_key = None
+    judges_answers = False  # `judge` checks form only; rewards say how good a story is
 
     def __init__(self, cfg: StoriesTaskConfig):
         self.cfg = cfg
