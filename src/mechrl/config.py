@@ -313,7 +313,9 @@ class LoraConfig(Strict):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
-    """None: the architecture's attention projections (GPT-2 c_attn/c_proj; Llama q/k/v/o_proj)."""
+    """None: PEFT's per-architecture default (GPT-2 `c_attn`; Llama, Mistral, Qwen, Gemma `q_proj`,
+    `v_proj`; see `mechrl.models.adapters.default_targets`). Entries match module paths as in PEFT:
+    the path itself or a dotted suffix (`attn.c_proj` is GPT-2's attention output projection only)."""
 
 
 class EarlyStopConfig(Strict):
@@ -438,7 +440,7 @@ class RoutingConfig(Strict):
     forget_rank: int = Field(4, ge=1)
     forget_alpha: float = Field(8.0, gt=0)
     target_modules: list[str] | None = None
-    """None: the architecture's attention projections (as for LoRA)."""
+    """None: the architecture's default LoRA targets (as for `train.lora.target_modules`)."""
     detector: dict[str, Any] | None = None
     """A `mechrl.rewards.detectors.DetectorSpec`: {name, params, coverage, label_noise, seed}."""
     unflagged_baseline: bool = False
