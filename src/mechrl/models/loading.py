@@ -100,7 +100,16 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "
 
 def load_model(cfg: ModelConfig, task=None, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model a config describes: pretrained from `cfg.path`, a built-in model (`cfg.builtin`),
-    else tiny built for `task`."""
+    else tiny built for `task`; with `cfg.site_map`, that map checked and stored in the model's config."""
+    model, tok = _load_model(cfg, task, seed)
+    if cfg.site_map is not None:
+        from mechrl.analysis.arch import set_site_map  # local: analysis sits above models
+
+        set_site_map(model, cfg.site_map)
+    return model, tok
+
+
+def _load_model(cfg: ModelConfig, task, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if cfg.builtin in ("stories", "stories-fast"):
         from mechrl.tasks.stories.base_model import StoryModelConfig, story_base_model  # local: imports this module
 
