@@ -61,6 +61,9 @@ def test_sites_resolve_and_add_up(family, tok, batch):
     modules = dict(model.named_modules())
     for name in all_sites(model):
         assert resolve_site(model, name).module_path in modules
+    table = arch.site_table(model, layer=1)
+    sm = arch.site_map_of(model)
+    assert table["attn_out"] == f"{sm.blocks}.1.{sm.attn_out} (output)" and table["heads"].endswith(" (input)")
     out, c = run_with_cache(model, batch, all_sites(model))
     with torch.no_grad():
         hf = model(**{k: v for k, v in batch.items()}, output_hidden_states=True,
