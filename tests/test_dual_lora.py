@@ -58,9 +58,12 @@ def test_single_layer_formula_linear_and_conv1d():
 def test_init_and_zero_scales_equal_base(tiny_model, ids):
     base = copy.deepcopy(tiny_model)
     model = add_dual_lora(tiny_model, None, **RANKS)
-    # GPT-2: c_attn, attn.c_proj and mlp.c_proj ("c_proj" names both); Llama: q/k/v/o_proj
-    assert len(dual_lora_modules(model)) == tiny_model.config.num_hidden_layers * (
-        3 if tiny_model.config.model_type == "gpt2" else 4)
+    # PEFT's defaults: GPT-2 the fused q/k/v projection c_attn only (no c_proj); Llama q_proj and v_proj
+    suffixes = {"gpt2": ["attn.c_attn"], "llama": ["self_attn.q_proj", "self_attn.v_proj"]}[tiny_model.config.model_type]
+    L = tiny_model.config.num_hidden_layers
+    assert sorted(dual_lora_modules(model)) == sorted(
+        f"{'transformer.h' if tiny_model.config.model_type == 'gpt2' else 'model.layers'}.{i}.{s}"
+        for i in range(L) for s in suffixes)
     assert torch.equal(_logits(model, ids), _logits(base, ids))  # B = 0 at init
     randomise_b(model, 0.1)
     assert not torch.allclose(_logits(model, ids), _logits(base, ids))

@@ -18,6 +18,7 @@ The run name is the recipe's name, then a short tag for every value that differs
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -29,7 +30,7 @@ __all__ = [
     "ConfigError", "CardsTaskConfig", "StoriesTaskConfig", "ModelConfig", "TinyModelConfig", "SFTConfig", "EvalConfig",
     "TrackingConfig", "SFTRunConfig", "load_config", "parse_overrides", "run_name", "resolve_recipe",
     "RECIPES_DIR", "config_to_yaml", "RewardSpec", "EnvConfig", "LoraConfig", "GRPOConfig", "PPOConfig",
-    "RLRunConfig", "GRPORunConfig", "PPORunConfig", "RUN_KINDS", "RoutingConfig",
+    "RLRunConfig", "GRPORunConfig", "PPORunConfig", "RUN_KINDS", "RoutingConfig", "SiteMapConfig",
 ]
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -191,6 +192,50 @@ class TinyModelConfig(Strict):
         return self
 
 
+_MODULE_PATH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*"
+
+
+class SiteMapConfig(Strict):
+    """Where mechrl's alias sites (`resid_pre.{L}`, `attn_out.{L}`, `heads.{L}`, ...) live in an
+    architecture mechrl has no built-in entry for (`mechrl.analysis.arch` has the built-in ones, in
+    this same form). `blocks` is a path from the model's root; every other path is relative to one
+    block (`model.layers.3` + `self_attn.o_proj`). Checked against the model when applied: a path
+    that does not exist is an error naming the block's modules.
+
+        model.site_map: {blocks: transformer.layers, attn_out: attn, mlp_out: ffn,
+                         attn_proj: attn.out_proj, mlp_proj: ffn.w2}
+    """
+
+    blocks: str = Field(pattern=f"^{_MODULE_PATH}$")
+    """The ModuleList of transformer blocks, from the model's root (`model.layers`); a block's input is
+    `resid_pre.{L}`, its output `resid_post.{L}`."""
+    attn_out: str = Field(pattern=f"^{_MODULE_PATH}$")
+    """The module whose output attention ADDS to the residual stream (after any post-attention norm or
+    dropout): `attn_out.{L}`."""
+    mlp_out: str = Field(pattern=f"^{_MODULE_PATH}$")
+    """The module whose output the MLP adds to the residual stream: `mlp_out.{L}`."""
+    attn_proj: str = Field(pattern=f"^{_MODULE_PATH}$")
+    """Attention's output projection (a linear layer); its input, split per head, is `heads.{L}`."""
+    mlp_proj: str = Field(pattern=f"^{_MODULE_PATH}$")
+    """The MLP's output projection (a linear layer); its input is `mlp_post.{L}` (the neurons)."""
+    attn_after: tuple[str, ...] = ()
+    """Modules applied, in order, between `attn_proj`'s output and `attn_out` outside the projection
+    (post-attention norms, residual dropouts); empty when `attn_proj`'s output is what is added."""
+    mlp_after: tuple[str, ...] = ()
+    """The same for the MLP: modules between `mlp_proj`'s output and `mlp_out`."""
+    parallel: bool | str = False
+    """True when attention and MLP both read the block's input (GPT-J style): the MLP does not see
+    `attn_out`. A string names a boolean attribute of the model config that says so."""
+
+    @field_validator("attn_after", "mlp_after")
+    @classmethod
+    def _paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [p for p in v if not re.fullmatch(_MODULE_PATH, p)]
+        if bad:
+            raise ValueError(f"not module paths: {bad}")
+        return v
+
+
 class ModelConfig(Strict):
     path: str | None = None
     """A local folder or a hub name (downloaded only because the user named it). None: build `tiny`."""
@@ -206,6 +251,9 @@ class ModelConfig(Strict):
     """A model mechrl builds itself (no download): `stories` is the pretrained tiny story Llama
     (`mechrl.tasks.stories.story_base_model`, built once, a few minutes on CPU, and cached);
     `stories-fast` the same shape pretrained for seconds (for smoke runs and tests). Excludes `path`."""
+    site_map: SiteMapConfig | None = None
+    """Where the analysis sites live, for an architecture mechrl does not know (or to override a
+    built-in entry). Stored in the model's config (`mechrl_site_map`), so checkpoints carry it."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -317,7 +365,9 @@ class LoraConfig(Strict):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
-    """None: the architecture's attention projections (GPT-2 c_attn/c_proj; Llama q/k/v/o_proj)."""
+    """None: PEFT's per-architecture default (GPT-2 `c_attn`; Llama, Mistral, Qwen, Gemma `q_proj`,
+    `v_proj`; see `mechrl.models.adapters.default_targets`). Entries match module paths as in PEFT:
+    the path itself or a dotted suffix (`attn.c_proj` is GPT-2's attention output projection only)."""
 
 
 class EarlyStopConfig(Strict):
@@ -442,7 +492,7 @@ class RoutingConfig(Strict):
     forget_rank: int = Field(4, ge=1)
     forget_alpha: float = Field(8.0, gt=0)
     target_modules: list[str] | None = None
-    """None: the architecture's attention projections (as for LoRA)."""
+    """None: the architecture's default LoRA targets (as for `train.lora.target_modules`)."""
     detector: dict[str, Any] | None = None
     """A `mechrl.rewards.detectors.DetectorSpec`: {name, params, coverage, label_noise, seed}."""
     unflagged_baseline: bool = False

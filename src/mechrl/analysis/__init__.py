@@ -1,5 +1,7 @@
 """Looking inside models: hooks, activation caches, TransformerLens interop, probes.
 
+    arch.py         where each architecture family keeps blocks, attention, MLP, heads and neurons, and
+                    what each sublayer adds to the residual stream; user-supplied site maps
     hooks.py        hook sites by module path or alias (resid_post.{L}, attn_out.{L}, mlp_out.{L},
                     heads.{L}, head_out.{L}.{H}) on plain and PEFT-wrapped HF models; `hooks(...)`
     cache.py        `run_with_cache` (one batch), `extract_activations` (a dataset, padding-safe,

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mechrl.analysis import arch
 from mechrl.analysis.cache import extract_activations, position_ids_from_mask, prepare_batch
-from mechrl.analysis.hooks import _n_heads, hooks, n_layers, unwrap
+from mechrl.analysis.hooks import _n_heads, hooks, n_layers
 
 Mode = Literal["zero", "mean", "mean_pos"]
 METRICS = ("token_acc", "exact", "logprob")
@@ -46,13 +47,8 @@ _NAME = re.compile(r"^L(\d+)(?:H(\d+)|(MLP)|N(\d+))$")
 
 
 def mlp_width(model: nn.Module) -> int:
-    """Neurons per MLP (d_mlp), from the model config."""
-    cfg = unwrap(model).config
-    n = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
-    if n is None and getattr(cfg, "model_type", None) == "gpt2":
-        n = 4 * cfg.n_embd  # GPT-2's default when n_inner is None
-    assert n is not None, f"{type(model).__name__}: config gives no MLP width (intermediate_size / n_inner)"
-    return int(n)
+    """Neurons per MLP (d_mlp): the input width of the MLP's output projection (`analysis.arch`)."""
+    return arch.mlp_width(model)
 
 
 def neurons(model: nn.Module, layers: Sequence[int] | None = None) -> list[str]:

@@ -4,17 +4,21 @@ A *site* is a place in the forward pass whose tensor can be read or replaced. Tw
 
   - module paths as `model.named_modules()` prints them (`transformer.h.0.mlp`,
     `model.layers.1.self_attn.o_proj`): the module's output;
-  - aliases that mean the same thing on every supported architecture (GPT-2 and Llama shapes):
+  - aliases that mean the same thing on every supported architecture (`mechrl.analysis.arch` says
+    where each lives per family, or a user-supplied site map does):
 
         resid_pre.{L}      input of block L                              (B, T, D)
         resid_post.{L}     output of block L                             (B, T, D)
-        attn_out.{L}       attention output, after the output projection (B, T, D)
-        mlp_out.{L}        MLP output                                    (B, T, D)
+        attn_out.{L}       what attention adds to the residual stream    (B, T, D)
+                           (after the output projection and any post-attention norm)
+        mlp_out.{L}        what the MLP adds to the residual stream      (B, T, D)
         heads.{L}          every head's output BEFORE the output projection
-                           (input of c_proj / o_proj, split per head)    (B, T, H, d_head)
+                           (input of c_proj / o_proj / dense, split per head)  (B, T, H, d_head)
         mlp_post.{L}       the MLP's hidden activations (its neurons), the input of its
-                           output projection (c_proj / down_proj)        (B, T, d_mlp)
+                           output projection (c_proj / down_proj / fc2)  (B, T, d_mlp)
         head_out.{L}.{H}   one head's slice of `heads.{L}`               (B, T, d_head)
+
+    so that resid_pre.{L} + attn_out.{L} + mlp_out.{L} == resid_post.{L} on every family.
 
 On a `peft.PeftModel` names resolve through `base_model.model`, so the same names work with
 adapters on (LoRA layers wrap the modules named; their hooks see the adapted output).
@@ -38,38 +42,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+from mechrl.analysis.arch import ALIASES, alias_site, n_heads, n_layers, site_map_of, unwrap
 
-#: Per architecture family: where the blocks live, and alias -> (module path template, hook kind).
-#: "output" hooks see the module's output (its first element when it returns a tuple), "input"
-#: hooks its first positional (or `hidden_states`) argument.
-ARCH_SITES: dict[str, dict] = {
-    "gpt2": {
-        "layers": "transformer.h",
-        "sites": {
-            "resid_pre": ("transformer.h.{L}", "input"),
-            "resid_post": ("transformer.h.{L}", "output"),
-            "attn_out": ("transformer.h.{L}.attn", "output"),
-            "mlp_out": ("transformer.h.{L}.mlp", "output"),
-            "heads": ("transformer.h.{L}.attn.c_proj", "input"),
-            "mlp_post": ("transformer.h.{L}.mlp.c_proj", "input"),
-        },
-    },
-    "llama": {
-        "layers": "model.layers",
-        "sites": {
-            "resid_pre": ("model.layers.{L}", "input"),
-            "resid_post": ("model.layers.{L}", "output"),
-            "attn_out": ("model.layers.{L}.self_attn", "output"),
-            "mlp_out": ("model.layers.{L}.mlp", "output"),
-            "heads": ("model.layers.{L}.self_attn.o_proj", "input"),
-            "mlp_post": ("model.layers.{L}.mlp.down_proj", "input"),
-        },
-    },
-}
-#: model_type -> entry of ARCH_SITES (architectures with the same module layout share one).
-ARCH_OF_MODEL_TYPE = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-                      "gemma": "llama", "gemma2": "llama"}
+__all__ = ["HookFn", "Site", "hooks", "resolve_site", "site_names", "alias_names", "unwrap", "n_layers", "n_heads"]
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -83,44 +60,16 @@ class Site:
     head: int | None = None  # set for head_out.{L}.{H}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain HF model inside a PEFT wrapper (the model itself otherwise)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but hooks do not need it
-        return model
-    if isinstance(model, PeftModel):
-        return model.base_model.model
-    return model
-
-
-def _arch(model: nn.Module) -> dict | None:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    return ARCH_SITES.get(ARCH_OF_MODEL_TYPE.get(mt, ""))
-
-
-def n_layers(model: nn.Module) -> int:
-    """Number of transformer blocks (from the model config)."""
-    cfg = unwrap(model).config
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    assert n is not None, f"{type(model).__name__}: config has neither num_hidden_layers nor n_layer"
-    return int(n)
-
-
 def _n_heads(model: nn.Module) -> int:
-    cfg = unwrap(model).config
-    n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
-    assert n is not None, f"{type(model).__name__}: config has neither num_attention_heads nor n_head"
-    return int(n)
+    return n_heads(model)
 
 
 def alias_names(model: nn.Module) -> list[str]:
-    """Every alias site name the model supports (empty for architectures without an alias table)."""
-    arch = _arch(unwrap(model))
-    if arch is None:
+    """Every alias site name the model supports (empty for architectures without a site map)."""
+    if site_map_of(model, required=False) is None:
         return []
-    L, H = n_layers(model), _n_heads(model)
-    names = [f"{a}.{i}" for a in arch["sites"] for i in range(L)]
+    L, H = n_layers(model), n_heads(model)
+    names = [f"{a}.{i}" for a in ALIASES for i in range(L)]
     names += [f"head_out.{i}.{h}" for i in range(L) for h in range(H)]
     return names
 
@@ -131,22 +80,22 @@ def site_names(model: nn.Module) -> list[str]:
 
 
 def resolve_site(model: nn.Module, name: str) -> Site:
-    """Resolve a site name (alias or module path) on `model`; KeyError with close matches if unknown."""
+    """Resolve a site name (alias or module path) on `model`; KeyError with close matches if unknown.
+    An alias on an architecture without a site map raises `UnknownArchitectureError` (one line)."""
     base = unwrap(model)
     modules = dict(base.named_modules())
     if name.startswith("base_model.model."):  # a PEFT-wrapped path: same module on the base model
         name = name[len("base_model.model."):]
     if name in modules and name:
         return Site(name, name, "output")
-    arch = _arch(base)
     parts = name.split(".")
-    if arch is not None and len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]):
-        L, H = n_layers(model), _n_heads(model)
+    alias = "heads" if parts[0] == "head_out" else parts[0]
+    if alias in ALIASES and len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]):
+        site_map_of(base)  # an unknown architecture raises here, in one line
+        L, H = n_layers(model), n_heads(model)
         layer = int(parts[1])
-        alias = "heads" if parts[0] == "head_out" else parts[0]
-        if alias in arch["sites"] and 0 <= layer < L and (len(parts) == 2) == (parts[0] != "head_out"):
-            template, kind = arch["sites"][alias]
-            path = template.format(L=layer)
+        if 0 <= layer < L and (len(parts) == 2) == (parts[0] != "head_out"):
+            path, kind = alias_site(base, alias, layer)
             assert path in modules, f"alias {name!r} maps to {path!r}, which {type(base).__name__} does not have"
             if alias != "heads":
                 return Site(name, path, kind)

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mechrl.models.adapters import DEFAULT_TARGETS
+from mechrl.models.adapters import default_targets, target_modules
 
 __all__ = ["DualLoRALinear", "add_dual_lora", "dual_lora_modules", "set_scales", "get_scales", "scales",
            "block_gradients", "merged_dual_lora", "adapter_parameters", "dual_lora_state_dict", "save_dual_lora",
@@ -134,36 +134,25 @@ def _require(model: nn.Module) -> dict[str, DualLoRALinear]:
 
 def add_dual_lora(model: nn.Module, targets: list[str] | None, retain_rank: int, retain_alpha: float,
                   forget_rank: int, forget_alpha: float, *, seed: int | None = None) -> nn.Module:
-    """Wrap every linear layer whose name ends in one of `targets` (None: the architecture's attention
-    projections, as for PEFT LoRA) in a `DualLoRALinear`, in place; freeze everything else.
-    `seed`: the adapters' A matrices are drawn from a generator seeded with it (layer by layer in
-    module order), so a run's initialisation depends on its seed alone; None draws from the global
-    torch RNG. Returns `model`."""
+    """Wrap every linear layer `targets` selects (PEFT's rule: a module path equal to an entry or ending
+    in "." + entry; None: the architecture's default LoRA targets, `adapters.default_targets`) in a
+    `DualLoRALinear`, in place; freeze everything else. `seed`: the adapters' A matrices are drawn
+    from a generator seeded with it (layer by layer in module order), so a run's initialisation
+    depends on its seed alone; None draws from the global torch RNG. Returns `model`."""
     if dual_lora_modules(model):
         raise ValueError(f"{type(model).__name__} already has dual LoRA adapters")
     if targets is None:
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        if mt not in DEFAULT_TARGETS:
-            raise ValueError(f"no default dual LoRA targets for model_type {mt!r}; pass targets "
-                             f"(known defaults: {sorted(DEFAULT_TARGETS)})")
-        targets = DEFAULT_TARGETS[mt]
+        targets = default_targets(getattr(getattr(model, "config", None), "model_type", None))
     if not targets:
         raise ValueError("add_dual_lora: targets is empty")
-    chosen = [(name, m) for name, m in model.named_modules()
-              if name.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, Conv1D))]
-    found = {name.rsplit(".", 1)[-1] for name, _ in chosen}
-    missing = [t for t in targets if t not in found]
-    if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
-        raise ValueError(f"dual LoRA targets {missing} match no linear layer of {type(model).__name__}; "
-                         f"its linear layers: {names}")
+    chosen = target_modules(model, targets)  # PEFT's matching rule; raises when an entry matches nothing
     for p in model.parameters():
         p.requires_grad_(False)
     gen = None
     if seed is not None:
         device = next(model.parameters()).device
         gen = torch.Generator(device=device).manual_seed(seed)
-    for name, base in chosen:
+    for name, base in chosen.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, DualLoRALinear(base, retain_rank, retain_alpha, forget_rank, forget_alpha, generator=gen))
@@ -310,13 +299,13 @@ def load_dual_lora(model: nn.Module, path: str | Path, *, retain_rank: int | Non
         if v is not None and v != saved:
             raise ValueError(f"{path}: {which} {what} is {saved:g} in the file but {v:g} was given")
     targets = json.loads(meta["targets"])
-    if not dual_lora_modules(model):
-        add_dual_lora(model, targets, ranks["retain"], alphas["retain"], ranks["forget"], alphas["forget"])
+    saved_layers = {k.rsplit(".", 1)[0] for k in state}
+    if not dual_lora_modules(model):  # the saved layers' full paths: exactly those layers, whatever matched first
+        add_dual_lora(model, sorted(saved_layers), ranks["retain"], alphas["retain"], ranks["forget"], alphas["forget"])
     mods = dual_lora_modules(model)
     for name, m in mods.items():
         if m.ranks != ranks or m.alphas != alphas:
             raise ValueError(f"{path}: layer {name} has ranks {m.ranks} alphas {m.alphas}; the file has {ranks} {alphas}")
-    saved_layers = {k.rsplit(".", 1)[0] for k in state}
     if saved_layers != set(mods):
         raise ValueError(f"{path}: layers differ from the model's adapted layers; only in file: "
                          f"{sorted(saved_layers - set(mods))[:5]}, only in model: {sorted(set(mods) - saved_layers)[:5]}")

@@ -7,7 +7,8 @@
 
 Tokenizers are prepared the same way everywhere: a pad token (distinct from EOS when the vocabulary
 has one, else EOS), left padding for generation, and the model's generation config told the
-pad and EOS ids.
+pad and EOS ids. A loaded tokenizer must encode text as the checkpoint's own tokenizer.json does
+(`tokenizer_as_saved`): where the class AutoTokenizer picks disagrees, the saved one is used.
 """
 
 from __future__ import annotations
@@ -75,7 +76,83 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, s
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+    """The checkpoint's tokenizer, encoding text exactly as its saved `tokenizer.json` does
+    (`tokenizer_as_saved`), prepared for mechrl (`prepare_tokenizer`)."""
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return prepare_tokenizer(tokenizer_as_saved(tok, path))
+
+
+class TokenizerMismatchError(UserError, ValueError):
+    """A checkpoint's tokenizer cannot be loaded so that it encodes text as its tokenizer.json does."""
+
+
+#: Fixed part of the probe: words, case, digits, punctuation, runs of spaces, tabs, newlines, non-ASCII.
+TOKENIZER_PROBE = ("Cards : RED 3 BLUE 5 the story. Hello, World! It's 2024: 3.14 + 42 = 45.14\n"
+                   "\tThe  QUICK brown fox; (naive cafe) -- done.\nna\u00efve caf\u00e9 \u65e5\u672c \u00ab\u00bb")
+
+
+def _saved_tokenizer_file(path: str | Path) -> str | None:
+    """The checkpoint's tokenizer.json: in the folder, or in the hub cache for a hub name (None if absent)."""
+    local = Path(path)
+    if local.is_dir():
+        f = local / "tokenizer.json"
+        return str(f) if f.is_file() else None
+    from transformers.utils import cached_file
+
+    return cached_file(str(path), "tokenizer.json", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
+def tokenizer_probes(saved) -> list[str]:
+    """Texts on which a tokenizer must agree with the saved one (a `tokenizers.Tokenizer`): the fixed
+    probe, and two texts made of up to 64 vocabulary entries spread over the saved vocabulary
+    (specials left out), so that a word-level or otherwise unusual vocabulary is exercised by its own
+    pieces: the entries decoded together, and each decoded alone, stripped and joined by spaces."""
+    special = {t.content for t in saved.get_added_tokens_decoder().values() if t.special}
+    ids = [i for i in range(saved.get_vocab_size()) if saved.id_to_token(i) not in special]
+    ids = ids[::max(1, len(ids) // 64)][:64]
+    pieces = [saved.decode([i], skip_special_tokens=True).strip() for i in ids]
+    return [TOKENIZER_PROBE, saved.decode(ids, skip_special_tokens=True), " ".join(p for p in pieces if p)]
+
+
+def _disagreement(tok: PreTrainedTokenizerBase, saved) -> str | None:
+    """None when `tok` encodes every probe as `saved` does; else a description of the first difference."""
+    for text in tokenizer_probes(saved):
+        mine = list(tok(text, add_special_tokens=False)["input_ids"])
+        ref = saved.encode(text, add_special_tokens=False).ids
+        if mine != ref:
+            return f"{len(mine)} ids vs {len(ref)} on {text[:40]!r} (first ids {mine[:6]} vs {ref[:6]})"
+    return None
+
+
+def tokenizer_as_saved(tok: PreTrainedTokenizerBase, path: str | Path) -> PreTrainedTokenizerBase:
+    """`tok` if it encodes the probes (`tokenizer_probes`, without special tokens, as mechrl encodes
+    prompts) exactly as the checkpoint's own tokenizer.json does; otherwise the saved fast tokenizer
+    (`PreTrainedTokenizerFast` over tokenizer.json, special tokens from tokenizer_config.json), with a
+    warning. Why: `AutoTokenizer` picks a class by model type (transformers 5 forces `Qwen2Tokenizer`
+    for qwen2), and such a class can rebuild a different tokenizer around the saved vocabulary (a
+    word-level tokenizer became byte-level BPE). Raises `TokenizerMismatchError` when the saved fast
+    tokenizer does not agree either. Without a tokenizer.json (e.g. a sentencepiece-only checkpoint)
+    there is nothing to compare against and `tok` is returned as it is."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    file = _saved_tokenizer_file(path)
+    if file is None:
+        log.debug("%s has no tokenizer.json; keeping %s as loaded", path, type(tok).__name__)
+        return tok
+    saved = Tokenizer.from_file(file)
+    why = _disagreement(tok, saved)
+    if why is None:
+        return tok
+    fast = PreTrainedTokenizerFast.from_pretrained(str(path))
+    still = _disagreement(fast, saved)
+    if still is not None:
+        raise TokenizerMismatchError(f"{path}: neither {type(tok).__name__} (AutoTokenizer's pick) nor the saved fast "
+                                     f"tokenizer encodes text as its tokenizer.json does ({still})")
+    log.warning("%s: AutoTokenizer's %s encodes text differently from the saved tokenizer.json (%s); using the "
+                "saved fast tokenizer instead", path, type(tok).__name__, why)
+    return fast
 
 
 #: Files of which a model folder's tokenizer needs at least one.
@@ -165,7 +242,16 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "
 
 def load_model(cfg: ModelConfig, task=None, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model a config describes: pretrained from `cfg.path`, a built-in model (`cfg.builtin`),
-    else tiny built for `task`."""
+    else tiny built for `task`; with `cfg.site_map`, that map checked and stored in the model's config."""
+    model, tok = _load_model(cfg, task, seed)
+    if cfg.site_map is not None:
+        from mechrl.analysis.arch import set_site_map  # local: analysis sits above models
+
+        set_site_map(model, cfg.site_map)
+    return model, tok
+
+
+def _load_model(cfg: ModelConfig, task, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if cfg.builtin in ("stories", "stories-fast"):
         from mechrl.tasks.stories.base_model import StoryModelConfig, story_base_model  # local: imports this module
 
