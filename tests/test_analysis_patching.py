@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 import pytest
 import torch
 
-from mechrl.analysis.card_pairs import ood_pairs, rule_pairs
+from mechrl.studies.card_pairs import ood_pairs, rule_pairs
 from mechrl.analysis.cache import prepare_batch, run_with_cache
 from mechrl.analysis.hooks import hooks
 from mechrl.analysis.patching import (

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from mechrl.analysis.card_probes import label_kind, probe_card_label
+from mechrl.studies.card_probes import label_kind, probe_card_label
 from mechrl.analysis.probes import probe, r2_score, ridge_fit, split_indices
 
 

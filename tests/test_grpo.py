@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mechrl.config import load_config
-from mechrl.runs.rundir import RunDir, read_jsonl
+from mechrl.runs.rundir import RunDir
 from mechrl.train.grpo import GRPOHooks, Timer, policy_update, rollout, run_grpo
 from mechrl.train.rlcommon import setup_rl
 
@@ -85,7 +85,6 @@ def test_grpo_learns_a_toy_reward(tmp_path):
     assert sum(rewards[:5]) / 5 < 0.5, rewards[:5]  # the untrained model rarely says the word
     assert sum(rewards[-5:]) / 5 >= 0.8, rewards[-5:]
     assert (final / "model.safetensors").exists() and (final / "resume" / "optimizer.pt").exists()
-    m = run.metrics()[-1]
     for key in ("reward/std", "reward/contains_word/mean", "reward/frac_reward_zero_std", "policy/clip_ratio/region_mean",
                 "completions/mean_length", "policy/entropy", "time/step_s", "throughput/tokens_per_s"):
         assert any(key in r for r in run.metrics()), key

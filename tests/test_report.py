@@ -191,10 +191,15 @@ def test_cli_on_a_broken_metrics_line(capsys, two_runs, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text((two_runs[0] / "config.yaml").read_text())
-    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, oops}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, oops}\n[3]\n')
     code, err, lines = _cli(capsys, str(run))
-    assert code == 2 and len(lines) == 1 and f"{run}/metrics.jsonl:2: not a JSON line" in lines[0]
-    assert "Traceback" not in err
+    # a report of what can be read, with what could not listed first
+    assert code == 0 and "Traceback" not in err
+    html = (run / "report.html").read_text()
+    skipped = _Page(html).tables["skipped"]
+    assert [r[0] for r in skipped[1:]] == [f"{run}/metrics.jsonl:2", f"{run}/metrics.jsonl:3"]
+    assert "JSON list, not an object" in skipped[2][1]
+    assert html.index("Skipped while reading") < html.index("Overview")
 
 
 def test_cli_writes_the_report(capsys, two_runs, tmp_path):

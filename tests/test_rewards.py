@@ -113,8 +113,11 @@ def test_unknown_missing_and_mistyped_params():
         build_reward([RewardSpec(name="contains_word", params={"word": 3})])
     with pytest.raises(ConfigError, match="listed twice"):
         build_reward([RewardSpec(name="cards_correct"), RewardSpec(name="cards_correct")])
+    with pytest.raises(ValueError, match="finite number"):  # the schema refuses it (pydantic's ValidationError)
+        RewardSpec(name="cards_correct", weight=math.inf)
+    spec = RewardSpec.model_construct(name="cards_correct", weight=math.inf, params={})  # past the schema
     with pytest.raises(ConfigError, match="weight must be finite"):
-        build_reward([RewardSpec(name="cards_correct", weight=math.inf)])
+        build_reward([spec])
 
 
 def test_duplicate_registration_raises(scratch_registry):

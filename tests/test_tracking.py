@@ -22,7 +22,7 @@ def test_no_sink_by_default(tmp_path):
     assert isinstance(run.tracker, NullTracker)
     run.log_metrics(1, {"train/loss": 1.0})
     run.close()
-    assert sorted(p.name for p in run.path.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.yaml", "metrics.jsonl"]
 
 
 def test_tensorboard_sink_gets_every_scalar(tmp_path):
@@ -55,13 +55,14 @@ def test_wandb_offline_sink(tmp_path, monkeypatch):
         assert needle in data, needle
 
 
-def test_trackio_sink_writes_local_logs(tmp_path):
+def test_trackio_sink_writes_local_logs(tmp_path, capsys):
     from trackio.sqlite_storage import SQLiteStorage
 
     run = _run(tmp_path, "tracking.sinks=[trackio]", "tracking.project=mechrl-test")
     for step in (1, 2):
         run.log_metrics(step, {"train/loss": 2.0 / step})
     run.close()
+    assert "Uploading" not in capsys.readouterr().out  # it writes a local store; nothing is uploaded
     logs = SQLiteStorage.get_logs("mechrl-test", run.path.name)
     assert [(r["step"], r["train/loss"]) for r in logs] == [(1, 2.0), (2, 1.0)]
 

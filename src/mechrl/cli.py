@@ -34,20 +34,24 @@ def _setup_logging(verbose: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    import warnings
+
+    # deprecations inside the pinned dependencies (PEFT reads transformers' old `is_gradient_checkpointing`
+    # on every LoRA wrap), not in anything a user of mechrl wrote or can change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def cmd_sft(args) -> int:
     from mechrl.config import load_config
     from mechrl.runs.preflight import preflight
     from mechrl.runs.rundir import RunDir
-    from mechrl.train.sft import run_sft
+    from mechrl.train.runners import train
 
     cfg, name = load_config(args.recipe, args.overrides, kind="sft")
     preflight(cfg)
     run = RunDir.start(cfg, name, force=args.force)
     print(f"run: {run.path}", file=sys.stderr)
-    final = run_sft(cfg, run)
-    print(final)
+    print(train(cfg, run))
     return 0
 
 
@@ -55,15 +59,12 @@ def cmd_rl(args) -> int:
     from mechrl.config import load_config
     from mechrl.runs.preflight import preflight
     from mechrl.runs.rundir import RunDir
+    from mechrl.train.runners import train
 
     cfg, name = load_config(args.recipe, args.overrides, kind=args.command)
     preflight(cfg)
     run = RunDir.start(cfg, name, force=args.force)
     print(f"run: {run.path}", file=sys.stderr)
-    if args.command == "grpo":
-        from mechrl.train.grpo import run_grpo as train
-    else:
-        from mechrl.train.ppo import run_ppo as train
     print(train(cfg, run))
     return 0
 

@@ -30,7 +30,7 @@ __all__ = [
     "ConfigError", "CardsTaskConfig", "StoriesTaskConfig", "ModelConfig", "TinyModelConfig", "SFTConfig", "EvalConfig",
     "TrackingConfig", "SFTRunConfig", "load_config", "parse_overrides", "run_name", "resolve_recipe",
     "RECIPES_DIR", "config_to_yaml", "RewardSpec", "EnvConfig", "LoraConfig", "GRPOConfig", "PPOConfig",
-    "RLRunConfig", "GRPORunConfig", "PPORunConfig", "RUN_KINDS", "RoutingConfig", "SiteMapConfig",
+    "RLRunConfig", "GRPORunConfig", "PPORunConfig", "RUN_KINDS", "RoutingConfig", "DetectorSpec", "SiteMapConfig",
 ]
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -480,6 +480,21 @@ class RLRunConfig(RunConfig):
         return self
 
 
+class DetectorSpec(Strict):
+    """A registered reward-hacking detector (`mechrl.rewards.detectors`), its parameters and how its
+    labels are degraded. The schema only: whether `name` is registered and takes `params` is checked
+    when the detector is built (and before a run starts, by `mechrl.runs.preflight`)."""
+
+    name: str
+    params: dict[str, Any] = {}
+    coverage: float = Field(1.0, ge=0, le=1)
+    """P(a flagged sample is reported flagged), before noise. 1: every flagged sample is reported."""
+    label_noise: float = Field(0.0, ge=0, le=1)
+    """P(any label is flipped), applied after coverage."""
+    seed: int | None = None
+    """Seed of the coverage and noise draws; None: the run's seed (so a seed sweep draws fresh labels)."""
+
+
 class RoutingConfig(Strict):
     """Gradient routing in GRPO (see `mechrl.train.routing`): the policy gets a retain and a forget
     LoRA adapter; samples the detector flags update only the forget adapter ("classic"), and in
@@ -493,8 +508,8 @@ class RoutingConfig(Strict):
     forget_alpha: float = Field(8.0, gt=0)
     target_modules: list[str] | None = None
     """None: the architecture's default LoRA targets (as for `train.lora.target_modules`)."""
-    detector: dict[str, Any] | None = None
-    """A `mechrl.rewards.detectors.DetectorSpec`: {name, params, coverage, label_noise, seed}."""
+    detector: DetectorSpec | None = None
+    """The detector whose flags route samples: {name, params, coverage, label_noise, seed}."""
     unflagged_baseline: bool = False
     """Advantages of unflagged samples relative to the unflagged samples of their group only (flagged
     samples keep the whole group's). With the whole group's baseline, the unflagged samples of a
@@ -515,14 +530,6 @@ class RoutingConfig(Strict):
     def _names(cls, v):
         return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
-    @field_validator("detector")
-    @classmethod
-    def _detector(cls, v):
-        if v is not None:
-            from mechrl.rewards.detectors import DetectorSpec, build_detector  # local: detectors imports config
-
-            build_detector(DetectorSpec.model_validate(v), run_seed=0)  # checks the name and parameters now
-        return v
 
 
 class MitigationConfig(Strict):
@@ -532,15 +539,10 @@ class MitigationConfig(Strict):
     "none" with a detector only labels and logs (`detector/flag_rate`, e.g. for early stopping)."""
 
     method: Literal["none", "filter", "penalty"] = "none"
-    detector: dict[str, Any] | None = None
-    """A `mechrl.rewards.detectors.DetectorSpec`: {name, params, coverage, label_noise, seed}."""
+    detector: DetectorSpec | None = None
+    """The detector whose flags the baseline acts on: {name, params, coverage, label_noise, seed}."""
     penalty: float = Field(1.0, gt=0)
     """Subtracted from the total reward of each flagged sample ("penalty")."""
-
-    @field_validator("detector")
-    @classmethod
-    def _detector(cls, v):
-        return RoutingConfig._detector(v)
 
 
 class GRPORunConfig(RLRunConfig):
@@ -581,5 +583,5 @@ RUN_KINDS: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "grpo": GRPORunCon
 
 # The loading half lives in its own module; importing it here (after the schema is defined) keeps
 # `from mechrl.config import load_config` working.
-from mechrl.config_loading import (MAX_NAME, build_config, build_task_config, config_to_yaml,  # noqa: E402
+from mechrl.config_loading import (MAX_NAME, build_config, build_task_config, config_to_yaml,  # noqa: E402, F401
                                    load_config, parse_overrides, resolve_recipe, run_name)

@@ -45,7 +45,7 @@ def _format_errors(err: ValidationError, cls: type[BaseModel], source: str) -> s
         loc = _strip_union_tags(tuple(str(p) for p in e["loc"]))
         key = ".".join(loc) or "<top level>"
         if e["type"] == "extra_forbidden":
-            parent, leaf = loc[:-1], loc[-1]
+            parent = loc[:-1]
             valid = _fields_at(cls, parent) or []
             full = [".".join((*parent, v)) for v in valid]
             close = difflib.get_close_matches(key, full, n=3, cutoff=0.5)

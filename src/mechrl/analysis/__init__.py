@@ -10,15 +10,15 @@
     tl.py           `to_transformer_lens`: a TransformerLens TransformerBridge checked against HF logits
     probes.py       ridge (closed form, batched over layers) and logistic probes per layer x position,
                     trained on ID, scored on held-out ID and every OOD set
-    card_probes.py  the card game's labels through the residual stream into `probes.probe`
     patching.py     activation patching (resid layer x position, heads, MLPs) and attribution patching
                     on clean/corrupted prompt pairs, normalised so 1 = clean and 0 = corrupted
-    card_pairs.py   the card game's pairs: same cards under another rule; ID vs OOD colours / phrasing
     ablation.py     zero / mean ablation of heads and MLPs, importance per component, top-k Jaccard
     plots.py        patching and ablation heatmaps, Jaccard bars (matplotlib Agg)
     sae.py          SAEs (standard L1, TopK) trained by SAELens's SAETrainer on mechrl activations; FVU,
                     L0, dead latents, LM loss with the SAE spliced in; saved in SAELens's format
     sae_features.py SAE feature statistics per task label; ID-specific vs OOD-stable features; table + plot
 
-Analysis works on the same model object training uses: nothing is converted unless asked for.
+Analysis works on the same model object training uses: nothing is converted unless asked for. It is
+model-generic; what is specific to the card game (its probe labels and patching pairs) lives with the
+sft-vs-rl study (`mechrl.studies.card_probes`, `mechrl.studies.card_pairs`).
 """

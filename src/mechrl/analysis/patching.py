@@ -24,7 +24,7 @@ so a pair whose clean and corrupted runs barely differ (a tiny denominator) weig
 gap; a plain mean of ratios lets such pairs dominate. The per-pair median is reported beside it.
 
 Alignment: rows are left-padded to one length, so positions are counted from the end (-1 = the last
-input token). Pairs whose prompts tokenize to the same length (what `card_pairs` builds for rule
+input token). Pairs whose prompts tokenize to the same length (what `mechrl.studies.card_pairs` builds for rule
 pairs) align at every position; otherwise the two prompts align from the end, and only positions that
 are real tokens in both runs are patched (others score NaN per position and are never patched).
 

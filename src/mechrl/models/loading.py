@@ -23,6 +23,7 @@ from transformers import (
 
 from mechrl.config import ModelConfig, TinyModelConfig
 from mechrl.errors import UserError
+from mechrl.models.builtin import builtin_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +253,8 @@ def load_model(cfg: ModelConfig, task=None, seed: int = 0) -> tuple[PreTrainedMo
 
 
 def _load_model(cfg: ModelConfig, task, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if cfg.builtin in ("stories", "stories-fast"):
-        from mechrl.tasks.stories.base_model import StoryModelConfig, story_base_model  # local: imports this module
-
-        path = story_base_model(StoryModelConfig(fast=cfg.builtin == "stories-fast"))
-        return load_pretrained(path, dtype=cfg.dtype, device=cfg.device)
     if cfg.builtin is not None:
-        raise ValueError(f"unknown built-in model {cfg.builtin!r}")
+        return load_pretrained(builtin_model_folder(cfg.builtin), dtype=cfg.dtype, device=cfg.device)
     if cfg.path is not None:
         return load_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                                allow_hub=cfg.allow_hub)

@@ -26,11 +26,9 @@ from __future__ import annotations
 import inspect
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from pydantic import Field
-
-from mechrl.config import ConfigError, Strict, _suggest
+from mechrl.config import ConfigError, DetectorSpec, _suggest
 from mechrl.rewards.builtin import _word_pattern
 from mechrl.rewards.registry import _check_params
 
@@ -67,19 +65,6 @@ def get_detector(name: str) -> DetectorFn:
 
 def list_detectors() -> list[str]:
     return sorted(_REGISTRY)
-
-
-class DetectorSpec(Strict):
-    """A registered detector, its parameters and how its labels are degraded."""
-
-    name: str
-    params: dict[str, Any] = {}
-    coverage: float = Field(1.0, ge=0, le=1)
-    """P(a flagged sample is reported flagged), before noise. 1: every flagged sample is reported."""
-    label_noise: float = Field(0.0, ge=0, le=1)
-    """P(any label is flipped), applied after coverage."""
-    seed: int | None = None
-    """Seed of the coverage and noise draws; None: the run's seed (so a seed sweep draws fresh labels)."""
 
 
 @dataclass(frozen=True)

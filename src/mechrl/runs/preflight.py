@@ -26,3 +26,8 @@ def preflight(cfg: RunConfig) -> None:
         if isinstance(cfg, GRPORunConfig):
             for spec in cfg.routing.eval_rewards:
                 build_reward([spec])
+            from mechrl.rewards.detectors import build_detector
+
+            for det in (cfg.routing.detector, cfg.mitigation.detector):
+                if det is not None:
+                    build_detector(det, run_seed=cfg.seed)  # the name is registered, the parameters fit

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from mechrl.errors import UserError
-from mechrl.runs.sweep import SweepPlan, SweepRecord, Trial
+from mechrl.runs.sweep_record import SweepPlan, SweepRecord, Trial
 
 log = logging.getLogger(__name__)
 

@@ -63,11 +63,7 @@ class WandbSink:
         self.run.log(metrics, step=step)
 
     def close(self) -> None:
-        # trackio prints "Uploading logs to Trackio" while it writes its *local* SQLite store (space_id is
-        # None: nothing leaves the machine); that line reads as a network upload, so it is not shown
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.run.finish()
-        log.debug("trackio: run %s written to the local store under TRACKIO_DIR", self.run.name)
+        self.run.finish()
 
 
 class TensorBoardSink:
@@ -99,8 +95,12 @@ class TrackioSink:
     def close(self) -> None:
         # trackio prints "Uploading logs to Trackio" while it writes its *local* SQLite store (space_id is
         # None: nothing leaves the machine); that line reads as a network upload, so it is not shown
+        from trackio import context_vars
+
         with contextlib.redirect_stdout(io.StringIO()):
             self.run.finish()
+        if context_vars.current_run.get() is self.run:  # else trackio's exit hook finishes it (and prints) again
+            context_vars.current_run.set(None)
         log.debug("trackio: run %s written to the local store under TRACKIO_DIR", self.run.name)
 
 

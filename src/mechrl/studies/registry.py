@@ -50,6 +50,8 @@ def register_study(name: str, target: str, presets: tuple[str, ...], description
 
 register_study("sft-vs-rl", "mechrl.studies.sft_vs_rl:run_study", ("tiny", "smoke"),
                "SFT then GRPO on the card game; every split evaluated; probes, patching, ablation, SAEs")
+register_study("reward-hacking-routing", "mechrl.studies.reward_hacking_routing:run_study", ("tiny", "smoke"),
+               "GRPO with a hackable story reward: gradient routing vs filter, penalty, early stop, plain LoRA")
 
 
 def get_study(name: str) -> StudySpec:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import logging
 import math
 import time
@@ -108,7 +107,7 @@ def _json(obj, path: Path) -> Path:
 
 def run_probes(model, tok, task, p: AnalysisPreset) -> dict:
     """label -> `probe_card_label` result (records per layer x position x distribution)."""
-    from mechrl.analysis.card_probes import probe_card_label
+    from mechrl.studies.card_probes import probe_card_label
 
     return {label: probe_card_label(model, tok, task, label, positions=p.probe_positions,
                                     n_examples=p.probe_examples) for label in p.probe_labels}
@@ -167,7 +166,7 @@ def best_probe_layers(results: Mapping[str, dict], distribution: str = "id_test"
 
 def run_patching(model, tok, task, p: AnalysisPreset) -> dict:
     """pair kind -> {"exact", "attribution", "pairs"} (or {"skipped": why} when no pair has a gap)."""
-    from mechrl.analysis.card_pairs import ood_pairs, rule_pairs
+    from mechrl.studies.card_pairs import ood_pairs, rule_pairs
     from mechrl.analysis.patching import (activation_patching, attribution_patching, baseline_metrics,
                                           tokenize_pairs)
 

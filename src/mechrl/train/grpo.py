@@ -282,16 +282,11 @@ def _step(hooks: GRPOHooks):
 def run_grpo(cfg: GRPORunConfig, run: RunDir, *, model=None, tokenizer=None, task=None,
              hooks: GRPOHooks | None = None) -> Path:
     """Train with GRPO, checkpoint, evaluate; returns the final checkpoint. Resumes when `run`
-    already holds checkpoints of this config. With `routing.enabled` (and no hooks given) this is
-    `mechrl.train.routing.run_routed_grpo`; with a `mitigation.detector`,
-    `mechrl.train.mitigation.run_mitigated_grpo`."""
-    if cfg.routing.enabled and hooks is None:
-        from mechrl.train.routing import run_routed_grpo  # local: routing builds on this module
-
-        return run_routed_grpo(cfg, run, model=model, tokenizer=tokenizer, task=task)
-    if cfg.mitigation.detector is not None and hooks is None:
-        from mechrl.train.mitigation import run_mitigated_grpo  # local: it builds on this module
-
-        return run_mitigated_grpo(cfg, run, model=model, tokenizer=tokenizer, task=task)
+    already holds checkpoints of this config. The variants that build on this loop (gradient
+    routing, the detector baselines) pass their hooks; `mechrl.train.runners.train` picks the right
+    runner for a config."""
+    if hooks is None and (cfg.routing.enabled or cfg.mitigation.detector is not None):
+        raise ValueError("run_grpo: this config enables routing or a mitigation detector, which plain GRPO "
+                         "would ignore; run it with mechrl.train.runners.train(cfg, run)")
     return run_rl(cfg, run, "grpo", _step(hooks or GRPOHooks()), need_ref=cfg.train.beta > 0, model=model,
                   tokenizer=tokenizer, task=task)

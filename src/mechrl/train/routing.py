@@ -218,31 +218,38 @@ def eval_sampling(cfg: GRPORunConfig) -> dict:
 
 
 @torch.no_grad()
-def evaluate_routing(model, tokenizer, prompts: list[str], examples: list[dict], rewards: dict[str, Reward], *,
+def sample_and_score(model, tokenizer, prompts: list[str], examples: list[dict], rewards: dict[str, Reward], *,
                      max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                      seed: int = 0, batch_size: int = 64) -> dict:
-    """Sample one completion per prompt in each adapter mode (`MODES`) with a generator seeded by
-    `seed` (so the modes see the same random stream) and score them. Returns {modes: {mode:
-    {scales, rewards: {component: mean}, unique_frac, mean_jaccard, degenerate, samples}}, ...}."""
+    """One completion per prompt from `model` as it is, sampled with a generator seeded by `seed`, and
+    scored: {rewards: {component: mean}, unique_frac, mean_jaccard, degenerate, samples}. The
+    routing evaluation runs it once per adapter mode; a plain policy (a baseline) is evaluated with
+    it directly, so every method is measured the same way."""
     if len(prompts) != len(examples):
-        raise ValueError(f"evaluate_routing: {len(prompts)} prompts, {len(examples)} examples")
+        raise ValueError(f"sample_and_score: {len(prompts)} prompts, {len(examples)} examples")
     device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size], device)
+        roll = generate(model, tokenizer, prompt_ids=ids, prompt_mask=mask, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        texts += roll.texts
+    comps = {name: float(reward(prompts, texts, examples).total.float().mean()) for name, reward in rewards.items()}
+    return {"rewards": comps, **diversity(texts), "samples": texts}
+
+
+def evaluate_routing(model, tokenizer, prompts: list[str], examples: list[dict], rewards: dict[str, Reward],
+                     **sampling) -> dict:
+    """`sample_and_score` in each adapter mode (`MODES`), each from the same seeded random stream.
+    Returns {n, thresholds, modes: {mode: {scales, rewards: {component: mean}, unique_frac,
+    mean_jaccard, degenerate, samples}}}."""
     out = {"n": len(prompts), "thresholds": {"degenerate_if_jaccard_above": DEGENERATE_JACCARD,
                                              "degenerate_if_unique_below": DEGENERATE_UNIQUE}, "modes": {}}
     for mode, (s_r, s_f) in MODES.items():
-        gen = torch.Generator(device=device).manual_seed(seed)
-        texts = []
         with scales(model, retain=s_r, forget=s_f):
-            for i in range(0, len(prompts), batch_size):
-                ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size], device)
-                roll = generate(model, tokenizer, prompt_ids=ids, prompt_mask=mask, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-                texts += roll.texts
-        comps = {}
-        for name, reward in rewards.items():
-            v = reward(prompts, texts, examples).total.float()  # (n,)
-            comps[name] = float(v.mean())
-        out["modes"][mode] = {"scales": [s_r, s_f], "rewards": comps, **diversity(texts), "samples": texts}
+            out["modes"][mode] = {"scales": [s_r, s_f], **sample_and_score(model, tokenizer, prompts, examples,
+                                                                           rewards, **sampling)}
     return out
 
 

@@ -160,20 +160,32 @@ def overlay_section(runs: dict[str, RunData]) -> Section:
                    figures=[overlay_figure(ns, series, keys) for ns, keys in sorted(by_ns.items())])
 
 
-def comparison_sections(runs: dict[str, RunData]) -> list[Section]:
-    diff = config_diff_table(runs)
+def comparison_sections(runs: dict[str, RunData], *, overlay: bool = True) -> list[Section]:
+    """The final evaluations side by side and, with `overlay`, the shared metrics overlaid (only where
+    the runs' steps mean the same thing: a study of an SFT and an RL phase turns it off)."""
     final = final_eval_table(runs)
-    return [Section("Hyperparameters that differ", tables=[diff],
-                    text="" if diff.rows else "The runs have identical configs."),
-            Section("Final evaluation", tables=[final] if final else [],
-                    text="" if final else "No evaluations yet in any of the runs."),
-            overlay_section(runs)]
+    out = [Section("Final evaluation", tables=[final] if final else [],
+                   text="" if final else "No evaluations in any of the runs (tasks without gold answers are "
+                                         "judged by their rewards: see the metrics).")]
+    return out + ([overlay_section(runs)] if overlay else [])
+
+
+def config_appendix(runs: dict[str, RunData]) -> Section:
+    diff = config_diff_table(runs)
+    return Section("Appendix: hyperparameters that differ", tables=[diff],
+                   text="" if diff.rows else "The runs have identical configs.")
 
 
 # -- the report -----------------------------------------------------------------------------------
 def build_report(runs: Sequence[str | Path | RunData], out: str | Path, *,
-                 extra_sections: Sequence[Section] = (), title: str | None = None) -> Path:
-    """Write one self-contained HTML report of `runs` (run directories) to `out`; returns `out`."""
+                 extra_sections: Sequence[Section] = (), title: str | None = None,
+                 lead_sections: Sequence[Section] = (), overlay: bool = True) -> Path:
+    """Write one self-contained HTML report of `runs` (run directories) to `out`; returns `out`.
+
+    Order: `lead_sections` (a study's question, answer and headline table), then the runs'
+    comparison (several runs) or the run's sections, then `extra_sections` (a study's detail), then,
+    for several runs, an appendix of the hyperparameters that differ. `overlay=False` leaves out the
+    overlay of metrics against step (for runs whose steps are not comparable, e.g. SFT and RL)."""
     if not runs:
         raise ReportError("no runs given")
     out = Path(out)
@@ -182,15 +194,17 @@ def build_report(runs: Sequence[str | Path | RunData], out: str | Path, *,
     data = [r if isinstance(r, RunData) else load_run(r) for r in runs]
     labels = _labels(data)
     by_label = dict(zip(labels, data, strict=True))
-    sections: list[Section] = []
+    sections: list[Section] = list(lead_sections)
     if len(data) == 1:
         sections += run_sections(data[0])
         title = title or f"Run report: {labels[0]}"
     else:
-        sections += comparison_sections(by_label)
+        sections += comparison_sections(by_label, overlay=overlay)
         sections += [Section(f"Run {label}", subsections=run_sections(r)) for label, r in by_label.items()]
         title = title or f"Comparison of {len(data)} runs: {', '.join(labels)}"
     sections += list(extra_sections)
+    if len(data) > 1:
+        sections.append(config_appendix(by_label))
     skipped = [line for r in data for line in r.skipped]
     if skipped:  # first, so that no reader misses it
         for line in skipped:

@@ -129,6 +129,16 @@ def story_base_model(cfg: StoryModelConfig | None = None) -> Path:
     return out
 
 
+def story_model_folder() -> Path:
+    """`model.builtin: stories` (`mechrl.models.builtin`): the default story model's folder."""
+    return story_base_model(StoryModelConfig())
+
+
+def fast_story_model_folder() -> Path:
+    """`model.builtin: stories-fast`: the test preset's folder (seconds to build)."""
+    return story_base_model(StoryModelConfig(fast=True))
+
+
 def _remove_orphaned_builds(out: Path) -> None:
     """Delete temporary build folders of `out` whose building process is gone (killed mid-build)."""
     for p in out.parent.glob(f".{out.name}-*"):
