@@ -166,10 +166,10 @@ def test_fast_pretraining_learns_and_is_shaped_like_simplestories(fast_model_dir
 def test_cache_is_reused_and_keyed_by_config(fast_model_dir, monkeypatch):
     monkeypatch.setenv("MECHRL_CACHE", str(fast_model_dir.parent))
     mtime = (fast_model_dir / "model.safetensors").stat().st_mtime_ns
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: other load on the machine does not count
     assert story_base_model(StoryModelConfig(fast=True)) == fast_model_dir
     model, _ = load_pretrained(fast_model_dir, device="cpu")
-    assert time.perf_counter() - t0 < 1.0  # loads offline in under a second
+    assert time.process_time() - t0 < 2.0  # loads offline in about a CPU-second (pretraining takes far more)
     assert (fast_model_dir / "model.safetensors").stat().st_mtime_ns == mtime  # not retrained
     assert config_hash(StoryModelConfig(fast=True)) != config_hash(StoryModelConfig(fast=True, seed=1))
     assert config_hash(StoryModelConfig(fast=True)) == config_hash(StoryModelConfig(fast=True, threads=1))

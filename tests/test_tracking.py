@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 
@@ -50,8 +51,16 @@ def test_wandb_offline_sink(tmp_path, monkeypatch):
     run.close()
     offline = list((run.path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
-    data = offline[0].read_bytes()  # wandb's transaction log: history records hold keys and JSON values
-    for needle in (b"train/loss", b"0.123456", b"0.654321"):
+    # wandb's transaction log (history records hold keys and JSON values) is written by wandb's own
+    # service process, which may still be flushing when finish() returns on a busy machine: wait for it
+    needles = (b"train/loss", b"0.123456", b"0.654321")
+    deadline = time.monotonic() + 120
+    while True:
+        data = offline[0].read_bytes()
+        if all(n in data for n in needles) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for needle in needles:
         assert needle in data, needle
 
 
