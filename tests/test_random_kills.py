@@ -4,8 +4,9 @@ file for every evaluated checkpoint, the final step equal to max_steps, status "
 report.html written, and final weights equal to an uninterrupted run's.
 
 Three moments are chosen by what is on disk (before the first checkpoint; between a checkpoint and
-the end of its evaluation; while the final report is written), the other seven at random times over
-an uninterrupted run's duration. Slow (minutes): `make test-slow` or `pytest -m slow tests/test_random_kills.py`.
+the end of its evaluation; while the final report is written), the other seven at random points of
+the run: a random delay (0 to 1 s) after a random step's metrics appear, so that the moments fall
+inside the run however loaded the machine is. Slow (minutes): `make test-slow` or `pytest -m slow tests/test_random_kills.py`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mechrl.runs.rundir import RunDir
+from mechrl.runs.rundir import RunDir, read_jsonl
 from test_run_integrity import GRPO, SFT, check_complete
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 EXE = os.path.join(os.path.dirname(sys.executable), "mechrl")
 ARGS = {"sft": ["sft", "cards-sft", *SFT, "train.max_steps=40"],
@@ -64,15 +65,28 @@ def _during_final_report(out: Path) -> bool:
     return run is not None and run.status_path.exists() and run.finished and not (run.path / "report.html").exists()
 
 
-def _kill_when(args: list[str], out: Path, *, condition=None, after_s: float | None = None) -> str:
-    """Start the command, SIGKILL it when `condition(out)` holds or after `after_s` seconds; returns
-    what happened ("killed" or "finished first")."""
+def _after_step(step: int):
+    """A condition: the run has logged a record of `step` (or later)."""
+    def cond(out: Path) -> bool:
+        run = _run_dir(out)
+        if run is None or not run.metrics_path.exists():
+            return False
+        text = run.metrics_path.read_text()
+        return any(json.loads(line).get("step", -1) >= step for line in text.splitlines()[-3:] if line.endswith("}"))
+    return cond
+
+
+def _kill_when(args: list[str], out: Path, *, condition, delay_s: float = 0.0) -> str:
+    """Start the command, SIGKILL it `delay_s` after `condition(out)` first holds; returns what
+    happened ("killed" or "finished first")."""
     proc = subprocess.Popen([EXE, *args, f"out_dir={out}"], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
+    fire_at = None
     try:
         while proc.poll() is None:
-            if (condition is not None and condition(out)) or (after_s is not None and time.monotonic() - t0 >= after_s):
+            if fire_at is None and condition(out):
+                fire_at = time.monotonic() + delay_s
+            if fire_at is not None and time.monotonic() >= fire_at:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return "killed"
@@ -102,7 +116,9 @@ def test_ten_random_kills_lose_and_duplicate_nothing(tmp_path, kind):
     moments = [("before the first checkpoint", dict(condition=_before_first_checkpoint)),
                ("between a checkpoint and its evaluation", dict(condition=_between_checkpoint_and_eval)),
                ("during the final report", dict(condition=_during_final_report))]
-    moments += [(f"at {t:.1f} s", dict(after_s=t)) for t in sorted(rng.uniform(0.5, duration) for _ in range(7))]
+    logged = sorted({r["step"] for r in read_jsonl(ref.metrics_path) if r["step"] > 0})
+    for step, delay in sorted((rng.choice(logged[:-1]), rng.uniform(0.0, 1.0)) for _ in range(7)):
+        moments.append((f"{delay:.2f} s after step {step} was logged", dict(condition=_after_step(step), delay_s=delay)))
     outcomes = []
     for i, (what, when) in enumerate(moments):
         out = tmp_path / f"kill{i}"
