@@ -76,3 +76,20 @@ def no_signal(prompts: list[str], completions: list[str], examples: list[dict],
     if not high > low:
         raise ValueError(f"no_signal: need high > low, got low={low}, high={high}")
     return [low + (high - low) * _unit_hash(seed, p, c) for p, c in zip(prompts, completions, strict=True)]
+
+
+def word_valence(word: str) -> float:
+    """VADER's lexicon valence of one word (lower-cased, surrounding spaces and punctuation stripped); 0 when the
+    lexicon does not list it. Positive words score > 0 ("happy" 2.7), negative ones < 0 ("sad" -2.1).
+
+    >>> word_valence(" Happy"), word_valence("sad"), word_valence("the")
+    (2.7, -2.1, 0.0)
+    """
+    return float(vader_analyzer().lexicon.get(word.strip().strip(".,!?;:\"'").lower(), 0.0))
+
+
+def positive_share(words: list[str]) -> float | None:
+    """The fraction of `words` with a positive VADER valence (None for no words)."""
+    if not words:
+        return None
+    return sum(1 for w in words if word_valence(w) > 0) / len(words)

@@ -50,6 +50,8 @@ def register_study(name: str, target: str, presets: tuple[str, ...], description
 
 register_study("sft-vs-rl", "mechrl.studies.sft_vs_rl:run_study", ("tiny", "smoke"),
                "SFT then GRPO on the card game; every split evaluated; probes, patching, ablation, SAEs")
+register_study("rlhf-diffing", "mechrl.studies.rlhf_diffing:run_study", ("tiny", "smoke"),
+               "GRPO on VADER sentiment + a no-signal control; divergence, paired SAEs, crosscoders, descriptions")
 
 
 def get_study(name: str) -> StudySpec:
