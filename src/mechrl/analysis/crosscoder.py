@@ -325,10 +325,16 @@ def calibrate_threshold(cc: Crosscoder, x: torch.Tensor, batch_size: int = 8192)
 # --------------------------------------------------------------------------------------------- metrics
 
 @torch.no_grad()
-def encode_all(cc: Crosscoder, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """(N, M, D) -> (N, H) codes, in batches, on the crosscoder's device, returned on the CPU."""
+def encode_all(cc: Crosscoder, x: torch.Tensor, batch_size: int = 8192, columns=None) -> torch.Tensor:
+    """(N, M, D) -> (N, H) codes (or only the latents in `columns`: (N, len(columns))), in batches, on the
+    crosscoder's device, returned on the CPU."""
     dev = cc.W_dec.device
-    return torch.cat([cc.encode(b.to(dev, torch.float32)).cpu() for b in x.split(batch_size)])
+    cols = None if columns is None else torch.as_tensor(list(columns), dtype=torch.long, device=dev)
+    out = []
+    for b in x.split(batch_size):
+        f = cc.encode(b.to(dev, torch.float32))
+        out.append((f if cols is None else f[:, cols]).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -32,7 +32,9 @@ def text_features(codes: torch.Tensor, example: torch.Tensor, n_texts: int) -> t
     counts = torch.bincount(example, minlength=n_texts).double()
     if (counts == 0).any():
         raise ValueError(f"text_features: texts {(counts == 0).nonzero().flatten().tolist()[:5]} have no token rows")
-    sums = torch.zeros(n_texts, codes.shape[1], dtype=torch.float64).index_add_(0, example, codes.double())
+    sums = torch.zeros(n_texts, codes.shape[1], dtype=torch.float64)
+    for i in range(0, len(codes), 8192):  # chunked: no float64 copy of every token's code
+        sums.index_add_(0, example[i:i + 8192], codes[i:i + 8192].double())
     return sums / counts[:, None]
 
 

@@ -300,21 +300,24 @@ def describe_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, sit
                                  "vocabulary": positive_share([tok.decode([int(i)]) for i in allowed])}
 
     def describe(codes, latents, model, directions):
-        ds = describe_latents(codes, tc, latents, model=model, directions=directions, tokenizer=tok,
-                              allowed_ids=allowed, spec=spec)
-        for rec in ds:
-            rec["positive"] = _positive(rec, codes[:, rec["latent"]], tc, d.n_top_rows)
+        """`codes` holds the columns of `latents` only (N, len(latents)); records name the real latent ids."""
+        ds = describe_latents(codes, tc, range(len(latents)), model=model, directions=directions[latents],
+                              tokenizer=tok, allowed_ids=allowed, spec=spec)
+        for i, rec in enumerate(ds):
+            rec["latent"] = int(latents[i])
+            rec["positive"] = _positive(rec, codes[:, i], tc, d.n_top_rows)
             if endpoint is not None and rec["contexts"]:
-                rec["llm"] = describe_and_score(endpoint, codes[:, rec["latent"]], tc, [c["context"] for c in rec["contexts"]])
+                rec["llm"] = describe_and_score(endpoint, codes[:, i], tc, [c["context"] for c in rec["contexts"]])
         return ds
 
     for pair in PAIRS:
         crosscoder, table = cc[pair]["cc"], cc[pair]["table"]
-        codes = encode_all(crosscoder, cc[pair]["acts"]["x"])  # (N, H) every corpus token
         passing = top_exclusive(table, d.n_top)
         failing = [r for r in top_exclusive(table, d.n_top, require_scaling=False) if not r.get("scaling_ok")]
         rows = {r["latent"]: r for r in table["latents"]}
-        recs = describe(codes, [r["latent"] for r in passing + failing], models[pair], crosscoder.W_dec[:, 1].detach())
+        latents = [r["latent"] for r in passing + failing]
+        codes = encode_all(crosscoder, cc[pair]["acts"]["x"], columns=latents)  # (N, n) every corpus token
+        recs = describe(codes, latents, models[pair], crosscoder.W_dec[:, 1].detach())
         for rec in recs:
             rec["table"] = rows[rec["latent"]]
         out["pairs"][pair] = {"passing": recs[:len(passing)], "failing": recs[len(passing):],
@@ -326,9 +329,9 @@ def describe_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, sit
     from mechrl.analysis.cache import extract_activations
 
     acts = extract_activations(models["policy"], tok, corpus["texts"], [rec["site"]], positions=None, progress=False)
-    codes = encode(sae, acts[rec["site"]].float())
     per = {int(k): v for k, v in rec["per_feature"]["policy->base"].items()}  # JSON keys are strings on a rerun
     least = sorted(per, key=per.get)[:d.n_top]
+    codes = torch.cat([encode(sae, b.float())[:, least] for b in acts[rec["site"]].split(8192)])
     feats = describe(codes, least, models["policy"], sae.W_dec.detach())
     for f in feats:
         f["max_cosine_to_base"] = per[f["latent"]]
