@@ -108,6 +108,7 @@ def run_diffing(cfg: DiffingStudyConfig, out: Path, *, force: bool = False) -> d
             a / "saes", seed_control=cfg.sae.seed_control, threshold=cfg.sae.threshold))
         site = cfg.crosscoder.site if cfg.crosscoder.site != "auto" else f"resid_post.{div['top_layers'][0]}"
         cc = crosscoder_stage(cfg, models, tok, corpus, site, a / "crosscoders")
+        variants = variants_stage(cfg, models, tok, corpus, site, a / "crosscoder-variants")
         desc = _cached(a / "descriptions.json", lambda: describe_stage(cfg, models, tok, corpus, site, cc, saes,
                                                                       a / "crosscoders"))
         probes = _cached(a / "reward_probes.json", lambda: probe_stage(cfg, models, tok, corpus, cc, saes))
@@ -118,6 +119,7 @@ def run_diffing(cfg: DiffingStudyConfig, out: Path, *, force: bool = False) -> d
             along = along_the_run(cfg, runs["policy"]["run"], models["base"], tok, _texts(corpus, held=False),
                                   _texts(corpus, held=True), site, div["top_layers"][0], a / "along")
         summary = summarise(cfg, runs, corpus, div, saes, cc, desc, probes, along, site)
+        summary["crosscoder_variants"] = variants
         summary["wall_time_s"] = time.perf_counter() - t0
         atomic_write_json(out / "summary.json", summary)
         write_report(summary, cfg, [runs[p]["run"].path for p in PAIRS], out / "report.html", a)
@@ -239,21 +241,23 @@ def _criterion(cfg: DiffingStudyConfig) -> ExclusivityCriterion:
                                 max_nu_recon=c.max_nu_recon)
 
 
-def crosscoder_spec(cfg: DiffingStudyConfig, site: str, steps: int | None = None) -> CrosscoderSpec:
+def crosscoder_spec(cfg: DiffingStudyConfig, site: str, steps: int | None = None, variant=None) -> CrosscoderSpec:
     c = cfg.crosscoder
-    return CrosscoderSpec(site=site, expansion=c.expansion, k=c.k, steps=steps or c.steps, batch_size=c.batch_size,
-                          lr=c.lr, seed=cfg.seed)
+    v = {} if variant is None else {k: x for k, x in variant.model_dump().items() if x is not None and k != "name"}
+    return CrosscoderSpec(site=site, expansion=v.get("expansion", c.expansion), k=v.get("k", c.k),
+                          steps=v.get("steps", steps or c.steps), batch_size=c.batch_size, lr=c.lr,
+                          shared_init=v.get("shared_init", c.shared_init), seed=cfg.seed)
 
 
 def fit_pair_crosscoder(cfg: DiffingStudyConfig, base, other, tok, texts: list[str], held: torch.Tensor, site: str,
-                        folder: Path, *, other_name: str, steps: int | None = None) -> dict:
+                        folder: Path, *, other_name: str, steps: int | None = None, variant=None) -> dict:
     """Train (or load) the crosscoder of base vs `other` on the non-held-out texts' tokens; its latent table and
     metrics on the held-out ones. Writes `folder/` (crosscoder) and `folder/table.json`."""
     acts = paired_activations([base, other], tok, texts, site)
     rows_held = held[acts["_example"]]
     if (folder / "table.json").is_file() and (folder / "crosscoder.json").is_file():
         return {"acts": acts, "table": _json(folder / "table.json"), "cc": load_crosscoder(folder)[0]}
-    spec = crosscoder_spec(cfg, site, steps)
+    spec = crosscoder_spec(cfg, site, steps, variant)
     cc, train_log = train_crosscoder(acts["x"][~rows_held], spec)
     metrics = crosscoder_metrics(cc, acts["x"][rows_held])
     save_crosscoder(cc, folder, spec, models=("base", other_name), metrics={**metrics, "train": train_log})
@@ -267,6 +271,33 @@ def crosscoder_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, s
     held = torch.tensor(corpus["held_out"])
     return {pair: fit_pair_crosscoder(cfg, models["base"], models[pair], tok, corpus["texts"], held, site,
                                       folder / pair, other_name=pair) for pair in PAIRS}
+
+
+def _nearest(table: dict, n: int) -> list[dict]:
+    """The `n` firing latents with the highest Δ, whatever their class."""
+    rows = [r for r in table["latents"] if r["class"] != "dead"]
+    return sorted(rows, key=lambda r: (-r["rel_norm"], -r["freq"]))[:n]
+
+
+def variants_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, site: str, folder: Path) -> dict:
+    """Both pairs' crosscoders once per `crosscoder_variants` entry: counts, passing, the highest Δ."""
+    held = torch.tensor(corpus["held_out"])
+    out = {}
+    for v in cfg.crosscoder_variants:
+        vsite = v.site or site
+        rec = {"site": vsite, "settings": v.model_dump()}
+        for pair in PAIRS:
+            res = fit_pair_crosscoder(cfg, models["base"], models[pair], tok, corpus["texts"], held, vsite,
+                                      folder / v.name / pair, other_name=pair, variant=v)
+            t = res["table"]
+            rec[pair] = {"counts": t["counts"], "exclusive_passing_scaling": t["exclusive_passing_scaling"],
+                         "fvu": t["metrics"]["fvu"], "nearest": [{k: r[k] for k in ("latent", "rel_norm", "freq", "cosine")}
+                                                                 for r in _nearest(t, 5)]}
+        out[v.name] = rec
+        log.info("rlhf-diffing variant %s: other-only passing scaling policy %d, control %d", v.name,
+                 rec["policy"]["exclusive_passing_scaling"]["other_only"],
+                 rec["control"]["exclusive_passing_scaling"]["other_only"])
+    return out
 
 
 # -------------------------------------------------------------------------------------------- 6. describe
@@ -314,13 +345,15 @@ def describe_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, sit
         crosscoder, table = cc[pair]["cc"], cc[pair]["table"]
         passing = top_exclusive(table, d.n_top)
         failing = [r for r in top_exclusive(table, d.n_top, require_scaling=False) if not r.get("scaling_ok")]
+        nearest = _nearest(table, d.n_top)  # described whether or not they reach the other-only threshold
         rows = {r["latent"]: r for r in table["latents"]}
-        latents = [r["latent"] for r in passing + failing]
+        latents = [r["latent"] for r in passing + failing + nearest]
         codes = encode_all(crosscoder, cc[pair]["acts"]["x"], columns=latents)  # (N, n) every corpus token
         recs = describe(codes, latents, models[pair], crosscoder.W_dec[:, 1].detach())
         for rec in recs:
             rec["table"] = rows[rec["latent"]]
-        out["pairs"][pair] = {"passing": recs[:len(passing)], "failing": recs[len(passing):],
+        n1, n2 = len(passing), len(passing) + len(failing)
+        out["pairs"][pair] = {"passing": recs[:n1], "failing": recs[n1:n2], "nearest": recs[n2:],
                               "base_only": [rows[r["latent"]] for r in top_exclusive(table, d.n_top, "base_only")]}
     # the published method's view: the policy SAE features with the lowest max cosine to the base SAE
     layer = next(iter(saes["layers"]))
@@ -400,6 +433,10 @@ def summarise(cfg, runs, corpus, div, saes, cc, desc, probes, along, site) -> di
         "control_at_most_quarter": passing["control"] <= passing["policy"] / 4 if passing["policy"] else None,
         "exclusive_policy_any_scaling": counts["policy"]["other_only"],
         "exclusive_control_any_scaling": counts["control"]["other_only"],
+        "max_rel_norm": {p: max((r["rel_norm"] for r in cc[p]["table"]["latents"] if r["class"] != "dead"),
+                                default=None) for p in PAIRS},
+        "positive_latent_in_top5_by_rel_norm": any(r["positive"]["dominated"]
+                                                   for r in desc["pairs"]["policy"].get("nearest", [])[:5]),
     }
     mmcs = {layer: rec["mmcs"] for layer, rec in saes["layers"].items()}
     return {
@@ -417,6 +454,7 @@ def summarise(cfg, runs, corpus, div, saes, cc, desc, probes, along, site) -> di
                        for p in PAIRS},
         "exclusive": {p: [_latent_summary(r) for r in desc["pairs"][p]["passing"]] for p in PAIRS},
         "exclusive_failing_scaling": {p: [_latent_summary(r) for r in desc["pairs"][p]["failing"]] for p in PAIRS},
+        "highest_rel_norm": {p: [_latent_summary(r) for r in desc["pairs"][p].get("nearest", [])] for p in PAIRS},
         "positive_base_rate": desc["positive_base_rate"],
         "reward_probes": {k: {kk: v[kk] for kk in ("ridge_r2", "logistic_accuracy", "majority_baseline", "n_texts")}
                           for k, v in probes.items()},
@@ -427,7 +465,8 @@ def summarise(cfg, runs, corpus, div, saes, cc, desc, probes, along, site) -> di
 
 def _latent_summary(r: dict) -> dict:
     t = r["table"]
-    return {"latent": r["latent"], "rel_norm": t["rel_norm"], "freq": t["freq"], "nu_error": t.get("nu_error"),
+    return {"latent": r["latent"], "class": t["class"], "rel_norm": t["rel_norm"], "freq": t["freq"],
+            "cosine": t["cosine"], "nu_error": t.get("nu_error"),
             "nu_recon": t.get("nu_recon"), "scaling_ok": t.get("scaling_ok"),
             "explanation": [x["token"] for x in r["explanation"]["tokens"]], "explanation_score": r["explanation"]["score"],
             "lens_top": [x["token"] for x in r.get("lens", {}).get("top", [])][:5],

@@ -58,12 +58,26 @@ class CrosscoderConfig(Strict):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(1e-3, gt=0)
+    shared_init: bool = True
+    """every latent starts with the same decoder direction in both models"""
     base_only_max: float = 0.1
     other_only_min: float = 0.9
     shared_min: float = 0.4
     shared_max: float = 0.6
     max_nu_error: float = 0.2
     max_nu_recon: float = 0.5
+
+
+class CrosscoderVariant(Strict):
+    """A sensitivity check: the crosscoders of both pairs retrained with some settings changed (unset: as
+    `crosscoder`), reported next to the main ones; the main crosscoders alone make the headline."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    site: str | None = None
+    steps: int | None = Field(None, ge=1)
+    expansion: int | None = Field(None, ge=1)
+    k: int | None = Field(None, ge=1)
+    shared_init: bool | None = None
 
 
 class DescribeConfig(Strict):
@@ -106,6 +120,8 @@ class DiffingStudyConfig(Strict):
     divergence: DivergenceConfig = DivergenceConfig()
     sae: SAEConfig = SAEConfig()
     crosscoder: CrosscoderConfig = CrosscoderConfig()
+    crosscoder_variants: list[CrosscoderVariant] = []
+    """sensitivity checks: both pairs' crosscoders again with some settings changed"""
     describe: DescribeConfig = DescribeConfig()
     along: AlongConfig = AlongConfig()
     presets: dict[str, dict[str, Any]] = {}
@@ -115,6 +131,9 @@ class DiffingStudyConfig(Strict):
     def _check(self) -> "DiffingStudyConfig":
         from mechrl.analysis.divergence import RANK_BY
 
+        names = [v.name for v in self.crosscoder_variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"crosscoder_variants: a name is used twice: {names}")
         if self.divergence.rank_by not in RANK_BY:
             raise ValueError(f"divergence.rank_by: unknown measure {self.divergence.rank_by!r}"
                              f"{_suggest(self.divergence.rank_by, RANK_BY)}; choose from {', '.join(RANK_BY)}")

@@ -44,6 +44,11 @@ def headline(summary: dict) -> Section:
               f"{b['exclusive_policy_any_scaling']} / {b['exclusive_control_any_scaling']}"],
              ["top-5 policy-exclusive latents dominated by positive words",
               f"{sum(1 for r in summary['exclusive']['policy'][:5] if r['positive_dominated'])} of {b['n_top5_passing_scaling']}"],
+             ["highest Δ among firing latents: policy / control",
+              f"{_f(b['max_rel_norm']['policy'])} / {_f(b['max_rel_norm']['control'])}"],
+             ["top-5 policy latents by Δ (any class) dominated by positive words",
+              f"{sum(1 for r in summary['highest_rel_norm']['policy'][:5] if r['positive_dominated'])} of "
+              f"{len(summary['highest_rel_norm']['policy'][:5])}"],
              ["top divergent layers (policy; control)",
               f"{summary['divergence']['top_layers']}; {summary['divergence']['top_layers_control']} "
               f"(by {summary['divergence']['rank_by']})"]]
@@ -94,6 +99,10 @@ def exclusive_section(desc: dict) -> Section:
         d = desc["pairs"][p]
         tables = [Table(LATENT_COLS, _latent_rows(d["passing"]), kind=f"exclusive-{p}", text_columns=(5, 6, 7, 12),
                         caption=f"top {p}-only latents (Δ ≥ threshold) that pass the latent-scaling check")]
+        if d.get("nearest"):
+            tables.append(Table(LATENT_COLS, _latent_rows(d["nearest"]), kind=f"nearest-{p}", text_columns=(5, 6, 7, 12),
+                                caption=f"the {p} pair's firing latents with the highest Δ, whatever their class (the "
+                                        "ν columns are filled for exclusive latents only)"))
         if d["failing"]:
             tables.append(Table(LATENT_COLS, _latent_rows(d["failing"]), kind=f"exclusive-{p}-failing",
                                 text_columns=(5, 6, 7, 12),
@@ -169,11 +178,22 @@ def crosscoder_section(summary: dict, analysis: Path) -> Section:
         rows.append([p, *[t["counts"][c] for c in CLASSES], t["exclusive_passing_scaling"]["other_only"],
                      t["exclusive_passing_scaling"]["base_only"], m["fvu"][0], m["fvu"][1], m["l0"],
                      t.get("tokens_per_s")])
+    vrows = []
+    for name, v in (summary.get("crosscoder_variants") or {}).items():
+        for p in PAIRS:
+            r = v[p]
+            vrows.append([name, json.dumps({k: x for k, x in v["settings"].items() if x is not None and k != "name"}),
+                          v["site"], p, r["counts"]["other_only"], r["exclusive_passing_scaling"]["other_only"],
+                          r["counts"]["base_only"], max((x["rel_norm"] for x in r["nearest"]), default=None),
+                          r["fvu"][0], r["fvu"][1]])
+    vt = [Table(["variant", "changed", "site", "pair", "other-only", "passing scaling", "base-only", "max Δ", "FVU base",
+                 "FVU other"], vrows, kind="crosscoder-variants", text_columns=(1,),
+                caption="sensitivity checks: both pairs retrained with the settings changed")] if vrows else []
     return Section("Crosscoders", text=f"BatchTopK crosscoders at {summary['site']}; classes by the relative decoder "
                                        f"norm Δ; exclusive latents then checked by latent scaling "
                                        f"(criterion: {json.dumps(tables['policy']['criterion'])}).",
                    tables=[Table(["pair", *CLASSES, "other-only passing", "base-only passing", "FVU base", "FVU other",
-                                  "L0", "train tokens/s"], rows, kind="crosscoders")],
+                                  "L0", "train tokens/s"], rows, kind="crosscoders"), *vt],
                    figures=[Figure(_crosscoder_figure(tables), "left: Δ per latent (firing latents); right: latent-"
                                                                "scaling ratios of the exclusive latents")])
 
