@@ -280,9 +280,11 @@ def _nearest(table: dict, n: int) -> list[dict]:
 
 
 def variants_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, site: str, folder: Path) -> dict:
-    """Both pairs' crosscoders once per `crosscoder_variants` entry: counts, passing, the highest Δ."""
+    """Both pairs' crosscoders once per `crosscoder_variants` entry: counts, passing, the highest Δ, and the top
+    exclusive latents that pass the scaling check described (offline; no LLM)."""
     held = torch.tensor(corpus["held_out"])
     out = {}
+    describe = None
     for v in cfg.crosscoder_variants:
         vsite = v.site or site
         rec = {"site": vsite, "settings": v.model_dump()}
@@ -290,9 +292,14 @@ def variants_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, sit
             res = fit_pair_crosscoder(cfg, models["base"], models[pair], tok, corpus["texts"], held, vsite,
                                       folder / v.name / pair, other_name=pair, variant=v)
             t = res["table"]
+            describe = describe or _Describer(cfg, tok, corpus, res["acts"])
+            top = [r["latent"] for r in top_exclusive(t, cfg.describe.n_top)]
+            recs = describe.crosscoder(res["cc"], res["acts"]["x"], t, top, models[pair]) if top else []
             rec[pair] = {"counts": t["counts"], "exclusive_passing_scaling": t["exclusive_passing_scaling"],
                          "fvu": t["metrics"]["fvu"], "nearest": [{k: r[k] for k in ("latent", "rel_norm", "freq", "cosine")}
-                                                                 for r in _nearest(t, 5)]}
+                                                                 for r in _nearest(t, 5)],
+                         "top_exclusive": [_latent_summary(r) for r in recs],
+                         "positive_latent_in_top5": any(r["positive"]["dominated"] for r in recs[:5])}
         out[v.name] = rec
         log.info("rlhf-diffing variant %s: other-only passing scaling policy %d, control %d", v.name,
                  rec["policy"]["exclusive_passing_scaling"]["other_only"],
@@ -313,34 +320,53 @@ def _positive(desc: dict, codes_col: torch.Tensor, tc: TokenCorpus, n_rows: int)
             "dominated": bool((ctx or 0) > 0.5 or (lns or 0) > 0.5)}
 
 
-def describe_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, site: str, cc: dict, saes: dict,
-                   folder: Path) -> dict:
-    """Descriptions of each pair's top exclusive latents (scaling check passed; the top failing ones listed apart),
-    and of the least-matched policy SAE features at the top layer."""
-    from mechrl.analysis.llm_describe import LLMEndpoint, describe_and_score
+class _Describer:
+    """Describes latents from their codes on the corpus rows (columns of the described latents only)."""
 
-    d = cfg.describe
-    spec = DescribeSpec(n_contexts=d.n_contexts, n_lens=d.n_lens, n_tokens=d.n_tokens)
-    endpoint = LLMEndpoint.from_env() if d.llm else None
-    out: dict = {"llm": None if endpoint is None else {"url": endpoint.url, "model": endpoint.model}, "pairs": {}}
-    any_acts = cc["policy"]["acts"]
-    tc = token_corpus(corpus, tok, any_acts)
-    allowed = tc.input_ids.unique()
-    base_rate = positive_share([t for toks in tc.tokens for t in toks])
-    out["positive_base_rate"] = {"tokens": base_rate,
-                                 "vocabulary": positive_share([tok.decode([int(i)]) for i in allowed])}
+    def __init__(self, cfg: DiffingStudyConfig, tok, corpus: dict, acts: dict, endpoint=None):
+        d = cfg.describe
+        self.cfg, self.tok, self.endpoint = cfg, tok, endpoint
+        self.spec = DescribeSpec(n_contexts=d.n_contexts, n_lens=d.n_lens, n_tokens=d.n_tokens)
+        self.tc = token_corpus(corpus, tok, acts)
+        self.allowed = self.tc.input_ids.unique()
 
-    def describe(codes, latents, model, directions):
-        """`codes` holds the columns of `latents` only (N, len(latents)); records name the real latent ids."""
-        ds = describe_latents(codes, tc, range(len(latents)), model=model, directions=directions[latents],
-                              tokenizer=tok, allowed_ids=allowed, spec=spec)
+    def __call__(self, codes: torch.Tensor, latents: list[int], model, directions: torch.Tensor) -> list[dict]:
+        """`codes` (N, len(latents)) holds the columns of `latents`; records carry the real latent ids."""
+        from mechrl.analysis.llm_describe import describe_and_score
+
+        ds = describe_latents(codes, self.tc, range(len(latents)), model=model, directions=directions[latents],
+                              tokenizer=self.tok, allowed_ids=self.allowed, spec=self.spec)
         for i, rec in enumerate(ds):
             rec["latent"] = int(latents[i])
-            rec["positive"] = _positive(rec, codes[:, i], tc, d.n_top_rows)
-            if endpoint is not None and rec["contexts"]:
-                rec["llm"] = describe_and_score(endpoint, codes[:, i], tc, [c["context"] for c in rec["contexts"]])
+            rec["positive"] = _positive(rec, codes[:, i], self.tc, self.cfg.describe.n_top_rows)
+            if self.endpoint is not None and rec["contexts"]:
+                rec["llm"] = describe_and_score(self.endpoint, codes[:, i], self.tc,
+                                                [c["context"] for c in rec["contexts"]])
         return ds
 
+    def crosscoder(self, cc, x: torch.Tensor, table: dict, latents: list[int], model) -> list[dict]:
+        """Descriptions of crosscoder latents, read in the second model (decoder, logit lens), with their rows."""
+        codes = encode_all(cc, x, columns=latents)  # (N, n) every corpus token
+        recs = self(codes, latents, model, cc.W_dec[:, 1].detach())
+        rows = {r["latent"]: r for r in table["latents"]}
+        for rec in recs:
+            rec["table"] = rows[rec["latent"]]
+        return recs
+
+
+def describe_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, site: str, cc: dict, saes: dict,
+                   folder: Path) -> dict:
+    """Descriptions of each pair's top exclusive latents (scaling check passed; the top failing ones listed apart;
+    the highest-Δ ones whatever their class), and of the least-matched policy SAE features at the top layer."""
+    from mechrl.analysis.llm_describe import LLMEndpoint
+
+    d = cfg.describe
+    endpoint = LLMEndpoint.from_env() if d.llm else None
+    out: dict = {"llm": None if endpoint is None else {"url": endpoint.url, "model": endpoint.model}, "pairs": {}}
+    describe = _Describer(cfg, tok, corpus, cc["policy"]["acts"], endpoint)
+    tc, allowed = describe.tc, describe.allowed
+    out["positive_base_rate"] = {"tokens": positive_share([t for toks in tc.tokens for t in toks]),
+                                 "vocabulary": positive_share([tok.decode([int(i)]) for i in allowed])}
     for pair in PAIRS:
         crosscoder, table = cc[pair]["cc"], cc[pair]["table"]
         passing = top_exclusive(table, d.n_top)
@@ -348,10 +374,7 @@ def describe_stage(cfg: DiffingStudyConfig, models: dict, tok, corpus: dict, sit
         nearest = _nearest(table, d.n_top)  # described whether or not they reach the other-only threshold
         rows = {r["latent"]: r for r in table["latents"]}
         latents = [r["latent"] for r in passing + failing + nearest]
-        codes = encode_all(crosscoder, cc[pair]["acts"]["x"], columns=latents)  # (N, n) every corpus token
-        recs = describe(codes, latents, models[pair], crosscoder.W_dec[:, 1].detach())
-        for rec in recs:
-            rec["table"] = rows[rec["latent"]]
+        recs = describe.crosscoder(crosscoder, cc[pair]["acts"]["x"], table, latents, models[pair])
         n1, n2 = len(passing), len(passing) + len(failing)
         out["pairs"][pair] = {"passing": recs[:n1], "failing": recs[n1:n2], "nearest": recs[n2:],
                               "base_only": [rows[r["latent"]] for r in top_exclusive(table, d.n_top, "base_only")]}

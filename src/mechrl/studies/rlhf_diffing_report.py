@@ -93,6 +93,17 @@ LATENT_COLS = ["latent", "Δ norm", "freq", "ν_ε", "ν_r", "top contexts ([[ ]
                "LLM description"]
 
 
+SUMMARY_COLS = ["latent", "Δ norm", "freq", "ν_ε", "ν_r", "top contexts", "logit lens (top)", "explanation tokens",
+                "expl. score", "pos. share ctx", "pos. share lens"]
+
+
+def _summary_row(x: dict) -> list:
+    """A row of SUMMARY_COLS from a latent summary (`rlhf_diffing._latent_summary`)."""
+    return [x["latent"], x["rel_norm"], x["freq"], x["nu_error"], x["nu_recon"], " | ".join(x["contexts"]),
+            " ".join(x["lens_top"]), " ".join(x["explanation"]), x["explanation_score"], x["positive_context_share"],
+            x["positive_lens_share"]]
+
+
 def exclusive_section(desc: dict) -> Section:
     subs = []
     for p in PAIRS:
@@ -185,15 +196,24 @@ def crosscoder_section(summary: dict, analysis: Path) -> Section:
             vrows.append([name, json.dumps({k: x for k, x in v["settings"].items() if x is not None and k != "name"}),
                           v["site"], p, r["counts"]["other_only"], r["exclusive_passing_scaling"]["other_only"],
                           r["counts"]["base_only"], max((x["rel_norm"] for x in r["nearest"]), default=None),
-                          r["fvu"][0], r["fvu"][1]])
+                          r["fvu"][0], r["fvu"][1],
+                          f"{sum(1 for x in r['top_exclusive'][:5] if x['positive_dominated'])} of "
+                          f"{len(r['top_exclusive'][:5])}"])
     vt = [Table(["variant", "changed", "site", "pair", "other-only", "passing scaling", "base-only", "max Δ", "FVU base",
-                 "FVU other"], vrows, kind="crosscoder-variants", text_columns=(1,),
+                 "FVU other", "top-5 passing: positive-dominated"], vrows, kind="crosscoder-variants", text_columns=(1,),
                 caption="sensitivity checks: both pairs retrained with the settings changed")] if vrows else []
+    subs = []
+    for name, v in (summary.get("crosscoder_variants") or {}).items():
+        srows = [[p, *_summary_row(x)] for p in PAIRS for x in v[p]["top_exclusive"]]
+        if srows:
+            subs.append(Section(f"Variant {name}: exclusive latents passing the scaling check",
+                                tables=[Table(["pair", *SUMMARY_COLS], srows, kind=f"variant-{name}",
+                                              text_columns=(6, 7, 8))]))
     return Section("Crosscoders", text=f"BatchTopK crosscoders at {summary['site']}; classes by the relative decoder "
                                        f"norm Δ; exclusive latents then checked by latent scaling "
                                        f"(criterion: {json.dumps(tables['policy']['criterion'])}).",
                    tables=[Table(["pair", *CLASSES, "other-only passing", "base-only passing", "FVU base", "FVU other",
-                                  "L0", "train tokens/s"], rows, kind="crosscoders"), *vt],
+                                  "L0", "train tokens/s"], rows, kind="crosscoders"), *vt], subsections=subs,
                    figures=[Figure(_crosscoder_figure(tables), "left: Δ per latent (firing latents); right: latent-"
                                                                "scaling ratios of the exclusive latents")])
 
