@@ -17,6 +17,15 @@
     sae.py          SAEs (standard L1, TopK) trained by SAELens's SAETrainer on mechrl activations; FVU,
                     L0, dead latents, LM loss with the SAE spliced in; saved in SAELens's format
     sae_features.py SAE feature statistics per task label; ID-specific vs OOD-stable features; table + plot
+    divergence.py   per-layer divergence of two checkpoints: weights (block / attn / MLP), CKA, activation
+                    difference, logit-lens KL; top divergent layers; figure
+    diffing.py      paired SAEs (one per model, same site and texts): MMCS both ways, unmatched features
+    crosscoder.py   BatchTopK crosscoders over two models' activations: relative decoder norms, exclusive
+                    latents, the latent-scaling check; safetensors + JSON folder format
+    describe.py     latent descriptions offline: contexts, histogram, logit lens, token-lookup explanation and
+                    its held-out score, reward firing
+    llm_describe.py optional LLM descriptions through an OpenAI-compatible endpoint, scored by simulation
+    reward_probes.py linear probes from dictionary codes to a text's reward; the latents that carry it
 
 Analysis works on the same model object training uses: nothing is converted unless asked for. It is
 model-generic; what is specific to the card game (its probe labels and patching pairs) lives with the

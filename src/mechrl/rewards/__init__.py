@@ -6,13 +6,15 @@ by name and composed into one weighted reward from the recipe's `reward:` list.
     >>> reward.names
     ['cards_correct', 'cards_format']
 
-Importing this package registers the built-ins (`mechrl.rewards.builtin`) and the story rewards
-(`mechrl.rewards.stories`); reward-hacking detectors live in `mechrl.rewards.detectors`.
+Importing this package registers the built-ins (`mechrl.rewards.builtin`), the story rewards
+(`mechrl.rewards.stories`) and the sentiment rewards (`mechrl.rewards.sentiment`: VADER and the
+no-signal control); reward-hacking detectors live in `mechrl.rewards.detectors`.
 """
 
 from __future__ import annotations
 
 from mechrl.rewards import builtin  # noqa: F401  (registers the built-in rewards)
+from mechrl.rewards import sentiment  # noqa: F401  (registers vader and no_signal)
 from mechrl.rewards import stories  # noqa: F401  (registers the story rewards)
 from mechrl.rewards.registry import (
     Reward, RewardFn, RewardOutput, build_reward, get_reward, list_rewards, register_reward, register_reward_pattern,

@@ -52,6 +52,8 @@ register_study("sft-vs-rl", "mechrl.studies.sft_vs_rl:run_study", ("tiny", "smok
                "SFT then GRPO on the card game; every split evaluated; probes, patching, ablation, SAEs")
 register_study("reward-hacking-routing", "mechrl.studies.reward_hacking_routing:run_study", ("tiny", "smoke"),
                "GRPO with a hackable story reward: gradient routing vs filter, penalty, early stop, plain LoRA")
+register_study("rlhf-diffing", "mechrl.studies.rlhf_diffing:run_study", ("tiny", "smoke"),
+               "GRPO on VADER sentiment + a no-signal control; divergence, paired SAEs, crosscoders, descriptions")
 
 
 def get_study(name: str) -> StudySpec:
