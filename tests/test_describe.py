@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mechrl.analysis.describe import (
-    DescribeSpec, TokenCorpus, describe_latents, histogram, histograms_figure, lens_tokens, pearson, token_lookup,
+    DescribeSpec, TokenCorpus, describe_latents, histogram, histograms_figure, lens_tokens, pearson,
 )
 from mechrl.analysis.llm_describe import LLMEndpoint, LLMError, chat, describe_and_score, simulate
 from mechrl.errors import UserError

@@ -281,6 +281,31 @@ def neurons_to_mlp_out(model: nn.Module, layer: int, acts: torch.Tensor) -> torc
     return _chain(blocks(model, sm)[layer], sm.mlp_proj, sm.mlp_after, acts)
 
 
+#: Where HF causal LMs keep the norm applied to the last block's output before the unembedding,
+#: relative to the base model (`model.base_model`).
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The model's final normalisation (the last block's output goes through it, then the unembedding).
+    Raises naming the base model's modules when it has none of `FINAL_NORM_NAMES`."""
+    base = unwrap(model).base_model
+    for name in FINAL_NORM_NAMES:
+        mod = getattr(base, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise UnknownArchitectureError(f"{type(base).__name__}: no final norm among {FINAL_NORM_NAMES}; its modules: "
+                                   f"{[n for n, _ in base.named_children()]}")
+
+
+def block_parts(model: nn.Module) -> dict[str, str]:
+    """{"blocks": path of the block list, "attn": the attention module in a block, "mlp": the MLP
+    module in a block} (the modules holding each sublayer's parameters: the first component of
+    the output projections' paths)."""
+    sm = site_map_of(model)
+    return {"blocks": sm.blocks, "attn": sm.attn_proj.split(".")[0], "mlp": sm.mlp_proj.split(".")[0]}
+
+
 def site_table(model: nn.Module, layer: int = 0) -> dict[str, str]:
     """Alias -> 'module path (input|output)' for one block: what each alias reads on this model."""
     return {a: "{} ({})".format(*alias_site(model, a, layer)) for a in ALIASES}

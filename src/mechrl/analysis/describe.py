@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mechrl.analysis.divergence import final_norm
+from mechrl.analysis.arch import final_norm
 from mechrl.analysis.hooks import unwrap
 
 

@@ -40,27 +40,14 @@ import torch
 from torch import nn
 
 from mechrl.analysis.cache import extract_activations
-from mechrl.analysis.hooks import ARCH_OF_MODEL_TYPE, ARCH_SITES, n_layers, unwrap
+from mechrl.analysis.arch import block_parts, final_norm, n_layers, unwrap
 
 log = logging.getLogger(__name__)
 
-#: Per architecture family: the attention and MLP submodule names inside a block, and the final norm.
-ARCH_PARTS = {
-    "gpt2": {"attn": "attn", "mlp": "mlp", "final_norm": "transformer.ln_f"},
-    "llama": {"attn": "self_attn", "mlp": "mlp", "final_norm": "model.norm"},
-}
 PARTS = ("block", "attn", "mlp")
 #: Measures `top_divergent_layers` can rank by.
 RANK_BY = ("param_block_rel", "param_attn_rel", "param_mlp_rel", "param_block_abs", "lens_kl",
            "resid_rel_diff", "mlp_rel_diff", "resid_cka", "mlp_cka")
-
-
-def _family(model: nn.Module) -> str:
-    mt = getattr(unwrap(model).config, "model_type", None)
-    fam = ARCH_OF_MODEL_TYPE.get(mt)
-    if fam is None:
-        raise ValueError(f"divergence: no layer layout known for model_type {mt!r}; known: {sorted(ARCH_OF_MODEL_TYPE)}")
-    return fam
 
 
 def _check_same_shape(base: nn.Module, other: nn.Module) -> tuple[dict, dict]:
@@ -82,10 +69,9 @@ def _check_same_shape(base: nn.Module, other: nn.Module) -> tuple[dict, dict]:
 def parameter_divergence(base: nn.Module, other: nn.Module) -> dict:
     """Per layer and part (block / attn / mlp): absolute and relative norm of the weight difference (see the
     module docstring); `outside` holds the tensors outside the blocks. Tied tensors count once."""
-    fam = _family(base)
     pa, pb = _check_same_shape(base, other)
-    prefix = ARCH_SITES[fam]["layers"] + "."
-    parts = ARCH_PARTS[fam]
+    parts = block_parts(base)  # every architecture mechrl knows (`analysis.arch`), or a user site map
+    prefix = parts["blocks"] + "."
     L = n_layers(base)
     sq_diff = {(layer, part): 0.0 for layer in range(L) for part in PARTS}
     sq_base = dict.fromkeys(sq_diff, 0.0)
@@ -139,12 +125,6 @@ def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     if norm == 0:
         raise ValueError("CKA is undefined: one representation is constant over the rows")
     return float(cross / norm)
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The model's final normalisation module (applied before the unembedding)."""
-    path = ARCH_PARTS[_family(model)]["final_norm"]
-    return unwrap(model).get_submodule(path)
 
 
 @torch.no_grad()

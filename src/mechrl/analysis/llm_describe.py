@@ -75,7 +75,7 @@ def chat(endpoint: LLMEndpoint, messages: Sequence[dict], *, temperature: float 
     except urllib.error.HTTPError as e:
         detail = e.read().decode("utf-8", "replace") if e.fp is not None else ""
         raise LLMError(f"LLM endpoint {url} answered HTTP {e.code}: {_one_line(detail)}") from None
-    except (TimeoutError, socket.timeout) as e:
+    except (TimeoutError, socket.timeout):
         raise LLMError(f"LLM endpoint {url}: no answer within {endpoint.timeout_s:g} s") from None
     except urllib.error.URLError as e:
         if isinstance(e.reason, (TimeoutError, socket.timeout)):
