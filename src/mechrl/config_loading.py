@@ -39,7 +39,7 @@ def _strip_union_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] in _UNION_SECTIONS and i == 1))
 
 
-def _format_errors(err: ValidationError, cls: type[BaseModel], source: str) -> str:
+def format_errors(err: ValidationError, cls: type[BaseModel], source: str) -> str:
     lines = []
     for e in err.errors():
         loc = _strip_union_tags(tuple(str(p) for p in e["loc"]))
@@ -92,7 +92,7 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
     for p in parts[:-1]:
@@ -126,7 +126,7 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe not found: {recipe}{_suggest(p.stem, names)}; built-in recipes: {', '.join(names)}")
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -162,16 +162,16 @@ def build_config(data: dict, overrides: dict[str, Any] | None = None, *, source:
             raise ConfigError(f"{source}: unknown preset {preset!r}{_suggest(str(preset), presets)}; "
                               f"presets: {', '.join(presets) or 'none'}")
         for key, value in presets[preset].items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         data["preset"] = preset
     base = _deepcopy(data)
     for key, value in overrides.items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     try:
         cfg = cls.model_validate(data)
         default = cls.model_validate(base)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, cls, source)) from None
+        raise ConfigError(format_errors(e, cls, source)) from None
     return cfg, default
 
 
@@ -180,7 +180,7 @@ def load_config(recipe: str | Path, overrides: list[str] | dict | None = None, *
     """Load a recipe with overrides. Returns (config, run name)."""
     path = resolve_recipe(recipe)
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    cfg, default = build_config(_read_yaml(path), ov, source=str(path), kind=kind)
+    cfg, default = build_config(read_yaml(path), ov, source=str(path), kind=kind)
     return cfg, run_name(cfg, default)
 
 
@@ -284,8 +284,8 @@ def build_task_config(data: dict, overrides: dict[str, Any] | None = None, *, so
     for key, value in (overrides or {}).items():
         if not key.startswith("task."):
             raise ConfigError(f"{source}: only task.* overrides apply here, got {key!r}")
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return _TaskOnly.model_validate(tree).task
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, _TaskOnly, source)) from None
+        raise ConfigError(format_errors(e, _TaskOnly, source)) from None

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from mechrl.config import ConfigError, RewardSpec, Strict, _suggest
-from mechrl.config_loading import _format_errors, _read_yaml, _set_dotted, parse_overrides, resolve_recipe
+from mechrl.config_loading import format_errors, read_yaml, set_dotted, parse_overrides, resolve_recipe
 
 
 class CorpusConfig(Strict):
@@ -144,7 +144,7 @@ def load_study_config(recipe: str | Path = "rlhf-diffing", *, preset: str | None
                       overrides: list[str] | dict | None = None) -> DiffingStudyConfig:
     """The study recipe with a preset and dotted overrides applied, validated."""
     path = resolve_recipe(recipe)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if data.get("kind") != "study":
         raise ConfigError(f"{path}: kind {data.get('kind')!r}; a study recipe has kind: study")
     if preset is not None:
@@ -153,12 +153,12 @@ def load_study_config(recipe: str | Path = "rlhf-diffing", *, preset: str | None
             raise ConfigError(f"{path}: unknown preset {preset!r}{_suggest(preset, presets)}; "
                               f"presets: {', '.join(presets) or 'none'}")
         for key, value in (presets[preset] or {}).items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         data["preset"] = preset
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     for key, value in ov.items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     try:
         return DiffingStudyConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, DiffingStudyConfig, str(path))) from None
+        raise ConfigError(format_errors(e, DiffingStudyConfig, str(path))) from None
