@@ -185,7 +185,15 @@ def test_ood_pairs_and_end_alignment(tiny_model, cards_tok, small_cards_cfg):
     pbc = tokenize_pairs(colours, cards_tok)
     assert torch.equal(pbc.clean["attention_mask"], pbc.corrupt["attention_mask"])
     assert not torch.equal(pbc.clean_token, pbc.corrupt_token)  # worked answers name the colours
-    activation_patching(model, pbc, what=("mlp",), min_gap=0.0)
+    res = activation_patching(model, pbc, what=("mlp",), min_gap=0.0)
+    L = model.config.num_hidden_layers
+    per = res["mlp"]["per_pair"]  # (N, L)
+    assert per.shape == (3, L) and np.isfinite(per).all() and "resid" not in res
+    # the reported score is the gap-weighted mean of the per-pair scores, and the median is beside it
+    gap = np.asarray(res["clean"]) - np.asarray(res["corrupt"])
+    np.testing.assert_allclose(res["mlp"]["scores"], (per * np.abs(gap)[:, None]).sum(0) / np.abs(gap).sum(), rtol=1e-9)
+    np.testing.assert_allclose(res["mlp"]["median"], np.median(per, 0))
+    assert res["aggregate"].startswith("gap-weighted mean")
 
     para, _ = ood_pairs(small_cards_cfg, cards_tok, 3, "ood_paraphrase")
     pbp = tokenize_pairs(para, cards_tok)

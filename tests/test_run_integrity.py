@@ -328,3 +328,16 @@ def test_files_follow_the_umask(tmp_path):
         os.umask(old)
     for f in ("config.yaml", "status.json", "report.html", "metrics.jsonl", "eval/step-3.json"):
         assert (run.path / f).stat().st_mode & 0o777 == 0o644, f
+
+
+def test_sft_prints_no_log_dicts_and_no_deprecation_warnings(tmp_path, capsys):
+    import warnings
+
+    cfg, name = _sft(tmp_path, "train.max_steps=10")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train("sft", cfg, name)
+    out = capsys.readouterr().out
+    assert "{'loss'" not in out and "'train_runtime'" not in out  # the trainer's printed log dicts
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not future, future
