@@ -252,7 +252,8 @@ class DecodeRunner:
                     finally:
                         graph.capture_end()
             except Exception as e:  # the forward is not capturable: the caller decides (log + host loop, or raise)
-                raise _CaptureFailed(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise _CaptureFailed(f"{type(e).__name__}: {first}") from e
             torch.cuda.synchronize(device)
         finally:
             for g, s in zip(gens, saved):
@@ -351,14 +352,15 @@ def run_decode(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids:
         mode = "eager"  # the host loop is the CPU path
     fallback = None
     if mode in ("auto", "graph"):
-        fallback = capture_blocked(model, generator) or (
-            "one new token: sampled from the prefill, nothing to replay" if max_new_tokens < 2 else None)
+        fallback = capture_blocked(model, generator)
         if fallback is not None and mode == "graph":
             raise DecodeGraphError(f"decode=graph: the decode step of {type(model).__name__} cannot be captured: "
                                    f"{fallback}")
-    if mode == "eager" or fallback is not None:
         if fallback is not None:
             _log_once(model, fallback)
+        elif max_new_tokens < 2:  # token 0 comes from the prefill: no decode step to replay, nothing to log
+            fallback = "one new token: nothing to replay"
+    if mode == "eager" or fallback is not None:
         ids, mask, logprobs, checks = _sample_loop(model, tok, prompt_ids, prompt_mask, **loop_kw)
         return ids, mask, logprobs, DecodeStats("eager", steps=ids.size(1), host_checks=checks,
                                                 cache_len=prompt_ids.size(1) + max_new_tokens, fallback=fallback)
@@ -407,9 +409,9 @@ def _decode_static(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_
     reg = _REGISTRY.setdefault(model, _ModelRunners())
     runner = reg.runners.get(key)
     if runner is None:
-        runner = DecodeRunner(model.config, pre, attn, open_value, rows=B, new_tokens=T, cache_len=L, vocab=logits.size(-1),
-                              temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad=pad,
-                              generator=generator)
+        runner = DecodeRunner(model.config, pre, attn, open_value, rows=B, new_tokens=T, cache_len=L,
+                              vocab=logits.size(-1), temperature=temperature, top_k=top_k, top_p=top_p, eos=eos,
+                              pad=pad, generator=generator)
         reg.runners[key] = runner
         while len(reg.runners) > MAX_RUNNERS:
             reg.runners.popitem(last=False)
