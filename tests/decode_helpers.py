@@ -1,5 +1,5 @@
-"""Shared by the decode-graph tests (CPU and GPU): a recorder of host reads, and a wrapper that records
-them inside the decode loop only."""
+"""Shared by the decode-graph tests (CPU and GPU): a recorder of host reads (and host-to-device
+copies), and a wrapper that records them inside the decode loop only."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", 
 
 
 class HostReads(TorchDispatchMode):
-    """Records every aten op dispatched while active that reads a device value on the host."""
+    """Records every aten op dispatched while active that reads a device value on the host, or that
+    makes a tensor from host data or moves one between devices (a copy a CUDA graph cannot hold)."""
 
     def __init__(self):
         super().__init__()
@@ -23,7 +24,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        if name in HOST_READS:
+        if name in HOST_READS or name == "aten.lift_fresh" or (name == "aten._to_copy" and "device" in (kwargs or {})):
             self.reads.append(name)
         return func(*args, **(kwargs or {}))
 

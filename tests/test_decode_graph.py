@@ -9,6 +9,8 @@ replay itself is tested on a GPU (tests/test_gpu_speed.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -195,10 +197,14 @@ def test_every_row_ending_stops_at_the_next_check(tok):
     assert roll.completion_ids.size(1) == 1 and bool((roll.completion_ids == tok.eos_token_id).all())
 
 
-def test_modes_on_cpu(tok):
+def test_modes_on_cpu(tok, caplog):
     model = zoo.build("llama", tok)
-    roll = generate(model, tok, PROMPTS, max_new_tokens=4, temperature=0.0)
-    assert roll.decode.mode == "eager" and roll.decode.fallback is None  # auto: the host loop is the CPU path
+    with caplog.at_level(logging.INFO, logger="mechrl.train.decode_graph"):
+        for _ in range(2):
+            roll = generate(model, tok, PROMPTS, max_new_tokens=4, temperature=0.0)
+            assert roll.decode.mode == "eager" and "CUDA graphs need CUDA" in roll.decode.fallback
+    lines = [r for r in caplog.records if "not captured" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO  # auto: the host loop is the CPU path, said once
     assert decode_graph.decode_totals(model)["runners"] == 0
     with pytest.raises(DecodeGraphError, match="CUDA graphs need CUDA"):
         generate(model, tok, PROMPTS, max_new_tokens=4, decode="graph")
@@ -217,3 +223,19 @@ def test_what_keeps_a_step_from_capture(tok):
     flash = zoo.build("llama", tok)
     flash.config._attn_implementation = "flash_attention_2"  # only read, never run
     assert "builds its masks on the host" in step_blocker(flash)
+
+
+def test_the_callers_generator_advances_as_in_the_host_loop(tok):
+    """The runner draws from its own generator, lent the caller's state and handing it back: the
+    caller's stream ends where the host loop leaves it, so consecutive calls continue one stream."""
+    model = zoo.build("llama", tok)
+    streams = {}
+    for mode in ("eager", "static"):
+        g = torch.Generator().manual_seed(11)
+        rolls = [generate(model, tok, PROMPTS * 2, max_new_tokens=6, generator=g, decode=mode) for _ in range(2)]
+        streams[mode] = (rolls, g.get_state())
+    (eager, g_eager), (static, g_static) = streams["eager"], streams["static"]
+    assert torch.equal(g_eager, g_static)
+    for a, b in zip(eager, static):
+        _assert_same(a, b)
+    assert not torch.equal(static[0].completion_ids, static[1].completion_ids)  # the stream moved on

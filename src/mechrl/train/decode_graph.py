@@ -40,7 +40,7 @@ samples exactly what a call that only replays would. The default CUDA generator 
 (sampling without a generator, and dropout of a model sampled in train mode).
 
 Where capture is impossible, `decode="auto"` says why in one log line (once per model and reason) and
-decodes with the host loop: on CPU (not attempted: the loop is the CPU path), caches with
+decodes with the host loop: on CPU (an info line: the loop is the CPU path), caches with
 sliding-window layers (they keep their position in a Python int), attention kernels other than sdpa
 and eager (they build masks on the host), a generator on another device, or a capture that failed
 (its error logged). `decode="graph"` raises `DecodeGraphError` instead.
@@ -89,7 +89,7 @@ class DecodeStats:
     captured: bool = False  # this call captured a new graph
     capture_s: float = 0.0  # wall time of that capture (warm-up steps included)
     cache_len: int = 0  # L, cache columns
-    fallback: str | None = None  # why "auto" did not use the graph path (None when it did, or on CPU)
+    fallback: str | None = None  # why "auto" did not use the graph path (None when it did)
 
 
 @dataclass
@@ -348,9 +348,10 @@ def run_decode(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids:
     device = prompt_ids.device
     loop_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    stop_strings=stop_strings, generator=generator, check_every=check_every)
-    if mode == "auto" and device.type != "cuda":
-        mode = "eager"  # the host loop is the CPU path
     fallback = None
+    if mode == "auto" and device.type != "cuda":  # the host loop is the CPU path: said once, at info level
+        mode, fallback = "eager", capture_blocked(model, generator)
+        _log_once(model, fallback, level=logging.INFO)
     if mode in ("auto", "graph"):
         fallback = capture_blocked(model, generator)
         if fallback is not None and mode == "graph":
@@ -380,12 +381,12 @@ def run_decode(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids:
                                                 cache_len=prompt_ids.size(1) + max_new_tokens, fallback=reason)
 
 
-def _log_once(model: PreTrainedModel, reason: str) -> None:
+def _log_once(model: PreTrainedModel, reason: str, level: int = logging.WARNING) -> None:
     r = _REGISTRY.setdefault(model, _ModelRunners())
     if reason not in r.logged:
         r.logged.add(reason)
-        log.warning("decode graph: %s cannot be captured (%s); decoding with the host loop", type(model).__name__,
-                    reason)
+        log.log(level, "decode graph: the decode step of %s is not captured (%s); decoding with the host loop",
+                type(model).__name__, reason)
 
 
 def _decode_static(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
