@@ -239,3 +239,22 @@ def test_the_callers_generator_advances_as_in_the_host_loop(tok):
     for a, b in zip(eager, static):
         _assert_same(a, b)
     assert not torch.equal(static[0].completion_ids, static[1].completion_ids)  # the stream moved on
+
+
+def test_static_mode_never_replays_a_graph(tok):
+    """A runner shared by the graph and static modes (same key): "static" runs the step eagerly even
+    when the runner holds a graph, so that comparing the two on a GPU compares replay with eager."""
+    model = zoo.build("llama", tok)
+    generate(model, tok, PROMPTS, max_new_tokens=5, decode="static")
+    (runner,) = decode_graph._REGISTRY[model].runners.values()
+
+    class Tripwire:
+        def replay(self):
+            raise AssertionError("static mode replayed the graph")
+
+    runner.graph = Tripwire()
+    roll = generate(model, tok, PROMPTS, max_new_tokens=5, decode="static")
+    assert roll.decode.mode == "static" and roll.decode.replays == 0 and roll.decode.steps == 5
+    runner.t.zero_()  # (a spent runner; only the dispatch is checked here)
+    with pytest.raises(AssertionError, match="replayed"):
+        runner.decode(model, 8, replay=True)

@@ -202,9 +202,11 @@ class DecodeRunner:
         self.feed(model)
         self.sample()
 
-    def decode(self, model: PreTrainedModel, check_every: int, stop_check=None) -> tuple[int, int]:
+    def decode(self, model: PreTrainedModel, check_every: int, stop_check=None, *, replay: bool) -> tuple[int, int]:
         """Tokens 0 .. T-1 (fewer when every row has ended at a check); returns (steps, host checks).
-        Same schedule as the host loop: a check after every `check_every` steps, none after the last."""
+        Steps 1 .. replay the captured graph with `replay`, else run eagerly. Same schedule as the host
+        loop: a check after every `check_every` steps, none after the last."""
+        assert not replay or self.graph is not None, "replay asked for, but nothing was captured"
         self.sample()
         steps, checks = 1, 0
         while steps < self.T:
@@ -214,7 +216,7 @@ class DecodeRunner:
                     self.done.logical_or_(stop_check(self.ids[:, :steps], self.mask[:, :steps]))
                 if bool(self.done.all()):
                     break
-            if self.graph is not None:
+            if replay:
                 self.graph.replay()
             else:
                 self.step(model)
@@ -437,11 +439,11 @@ def _decode_static(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_
             return _hit_stop(tok, ids, mask, stop_strings)
     if generator is not None:
         runner.generator.set_state(generator.get_state())  # the caller's stream, lent to the runner
-    steps, checks = runner.decode(model, check_every, stop_check)
+    steps, checks = runner.decode(model, check_every, stop_check, replay=capture)
     if generator is not None:
         generator.set_state(runner.generator.get_state())  # and handed back, advanced by what was drawn
     stats.steps, stats.host_checks = steps, checks
-    stats.replays = steps - 1 if runner.graph is not None else 0
+    stats.replays = steps - 1 if capture else 0
     reg.replays += stats.replays
     return (runner.ids[:, :steps].clone(), runner.mask[:, :steps].clone(), runner.logprobs[:, :steps].clone(),
             stats)
