@@ -145,3 +145,18 @@ def test_log_probs_are_reduced_in_float32_under_autocast(tok):
     T = roll.completion_ids.size(1)
     ref = F.log_softmax(logits[:, -T - 1:-1].float(), -1).gather(2, roll.completion_ids[..., None]).squeeze(-1)
     assert torch.equal(token_logprobs(logits[:, -T - 1:-1], roll.completion_ids), ref)
+
+
+def test_autocast_contexts_keep_no_stale_weight_copies():
+    """bf16 autocast without its weight-cast cache: a captured decode step then casts the current
+    weights at every replay (PyTorch's CUDA-graph notes: `cache_enabled=False`)."""
+    from mechrl.train.decode_graph import _uncached_autocast
+
+    ctx = autocast("bf16", "cuda")  # built here without running (on a CPU-only machine it disables itself)
+    assert ctx.fast_dtype == torch.bfloat16 and ctx._cache_enabled is False
+    assert isinstance(_uncached_autocast(torch.device("cpu")), type(autocast("fp32", "cpu")))  # autocast off: none
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's caching context
+        assert torch.is_autocast_cache_enabled()
+        with _uncached_autocast(torch.device("cpu")):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert not torch.is_autocast_cache_enabled()

@@ -27,7 +27,7 @@ from mechrl.models.dual_lora import add_dual_lora, set_scales
 from mechrl.runs.rundir import RunDir
 from mechrl.train import decode_graph
 from mechrl.train.decode_graph import CACHE_BUCKET, DecodeGraphError, decode_totals, run_decode
-from mechrl.train.fast_update import CompiledLogprobs, build_adamw
+from mechrl.train.fast_update import CompiledLogprobs, autocast, build_adamw
 from mechrl.train.grpo import GRPOHooks, Timer, policy_update, rollout
 from mechrl.train.rlcommon import setup_rl
 from mechrl.train.rollout import encode_prompts, generate
@@ -82,8 +82,8 @@ def test_graph_replay_equals_the_eager_step(family, tok):
         _, _, again = _assert_graph_equals_static(model, tok, ids, mask, seed=1, **sampling)
         assert not again.captured  # replayed from the cache: same shape, same state
     # greedy: the host loop's tokens, and model.generate's
-    greedy, _, _ = _decode(model, tok, ids, mask, "graph")
-    host, _, _, _ = _decode(model, tok, ids, mask, "eager")
+    greedy = _decode(model, tok, ids, mask, "graph")[0]
+    host = _decode(model, tok, ids, mask, "eager")[0]
     assert torch.equal(greedy, host)
     ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.size(1):]
@@ -207,6 +207,14 @@ def test_grpo_step_on_cuda(tmp_path, dtype):
     for state in st.optimizer.state.values():
         assert state["exp_avg"].dtype == torch.float32
     assert st.optimizer.defaults["fused"]  # train.adamw=auto on CUDA
+    # the weights moved under the graph the rollout captured: a replay reads them now (in bf16 it casts
+    # them afresh), so it still equals the step run eagerly
+    t = cfg.train
+    with autocast(dtype, CUDA):
+        _, _, stats = _assert_graph_equals_static(st.policy, st.tokenizer, batch.prompt_ids, batch.prompt_mask,
+                                                  temperature=t.temperature, top_k=t.top_k, top_p=t.top_p,
+                                                  new_tokens=t.max_new_tokens)
+    assert not stats.captured, "the rollout's graph was not the one replayed"
 
 
 def test_fused_adamw_on_cuda_equals_the_plain_one(tok):

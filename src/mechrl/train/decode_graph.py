@@ -50,6 +50,7 @@ Shapes: B rows, P prompt columns (left-padded), T new tokens, L >= P + T cache c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -237,7 +238,7 @@ class DecodeRunner:
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), _uncached_autocast(device):
                 self.sample()
                 for _ in range(min(WARMUP_STEPS, self.T - 1)):  # slots 1 .. stay inside the T columns
                     self.step(model)
@@ -247,7 +248,7 @@ class DecodeRunner:
             for g in gens:
                 graph.register_generator_state(g)
             try:
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side), _uncached_autocast(device):
                     graph.capture_begin(capture_error_mode="thread_local")
                     try:
                         self.step(model)
@@ -266,6 +267,16 @@ class DecodeRunner:
 
 class _CaptureFailed(Exception):
     pass
+
+
+def _uncached_autocast(device: torch.device):
+    """Autocast as the caller set it, with its cache of cast weights off. Under a caching autocast a
+    capture would record reads of bf16 weight copies made before it (stale once the optimiser moves
+    the weights, and freed when the caller's context exits); uncached, every replay casts afresh."""
+    t = device.type
+    if not torch.is_autocast_enabled(t):
+        return contextlib.nullcontext()
+    return torch.autocast(t, dtype=torch.get_autocast_dtype(t), cache_enabled=False)
 
 
 def _static_cache_like(config, pre: StaticCache, rows: int) -> StaticCache:

@@ -70,11 +70,15 @@ def check_dtype(dtype: str, device: torch.device | str) -> None:
 
 
 def autocast(dtype: str, device: torch.device | str):
-    """The context the forward passes run in for `train.dtype`: nothing for fp32, bf16 autocast on CUDA."""
+    """The context the forward passes run in for `train.dtype`: nothing for fp32, bf16 autocast on CUDA.
+    Its cache of bf16 weight copies is off: a captured decode step must cast the weights on every replay
+    (a cached copy would miss the optimiser's updates, and be freed when the context exits; PyTorch's
+    CUDA-graph notes ask for `cache_enabled=False`), and each micro-batch's forward runs in a context
+    of its own, where the cache would save little."""
     check_dtype(dtype, device)
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
 
 
 def _head(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
