@@ -4,8 +4,8 @@ On a GPU, a small model's update (forward, backward, optimiser step) is bound by
 and its largest tensors are the logits (B, T, V). Three options, each off or neutral on CPU:
 
 - `build_adamw(params, train_cfg, device)`: `torch.optim.AdamW` with `train.adamw` = auto (fused on
-  CUDA: one kernel for every parameter's update; PyTorch's default elsewhere), for-loop, foreach or
-  fused. The same update up to float rounding (tests hold them to 1e-6).
+  CUDA: multi-tensor kernels, each updating many parameters per launch; PyTorch's default
+  elsewhere), for-loop, foreach or fused. The same update up to float rounding (tests: 1e-6).
 - `CompiledLogprobs`: `torch.compile` of the per-token log-prob head, log-softmax over the
   vocabulary and the gather of the taken token (forward and backward), as `x[id] - logsumexp(x)`, so
   that the (B, T, V) log-softmax is never written out. Its two leading dimensions are dynamic, so it
