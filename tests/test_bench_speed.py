@@ -61,6 +61,7 @@ def test_rollout_bench_records_contenders_and_one_time_costs(rollout_bench, tmp_
     assert "CUDA graphs need CUDA" in modes[("auto", "eager")]
     assert saved["config"]["model"]["shape"] == "tiny" and saved["config"]["dtype"] == "fp32"
     assert len(saved["timings"]["mechrl"]["warmup_s"]) == 1 and "speedup" in saved
+    assert saved["failed_contenders"] == {}
     assert result["tokens_per_call"] == 2 * 2 * 4
 
 
