@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mechrl-installed
 
-.PHONY: setup demo test test-slow test-gpu test-all clean chromium
+.PHONY: setup demo test test-slow test-gpu test-all bench-gpu clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test-slow: $(STAMP)
 test-gpu: $(STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device on this machine')"
 	$(PY) -m pytest -m gpu
+
+# The GPU measurement set (tests marked gpu, then bench/rollout_vs_generate.py and bench/grpo_vs_trl.py at
+# both shapes, fp32 and bf16): JSONs in bench/results/, about 10 minutes on an H100/H200.
+bench-gpu: $(STAMP)
+	PY=$(PY) bash bench/gpu.sh
 
 # Everything: the default suite and the slow checks; the GPU checks too, which skip (saying why) without CUDA.
 test-all: $(STAMP) chromium

@@ -1,13 +1,17 @@
 """Shared pieces of mechrl's benchmarks: the model and batch they time, timing, and the result file.
 
 - `tiny_llama()`: a random Llama shaped like SimpleStories-1.25M (4 layers, hidden 128, 4 heads,
-  intermediate 512, vocab 4096, tied embeddings; 1.57M parameters).
+  intermediate 512, vocab 4096, tied embeddings; 1.57M parameters). `bench_model(shape)`: the model
+  of a `--shape` (`SHAPES`): "tiny" is that one, "qwen05b" a Llama with Qwen2.5-0.5B's body (24
+  layers, hidden 896, 14 query / 2 key-value heads, intermediate 4864, tied embeddings) and the
+  same 4096-entry vocabulary: 361.5M parameters.
 - `bench_tokenizer()`: a word-level tokenizer over the same 4096 ids (`[UNK]` 0, `[EOS]` 1,
   `[PAD]` 2, then `w3`..`w4095`), built locally, for code that needs a tokenizer (mechrl's sampler
   decodes texts; TRL takes text prompts).
 - `prompt_batch()`: random prompts of varied lengths, left-padded, each repeated G times in a row
   (the layout of a GRPO batch). No tokenizer involved.
-- `time_interleaved()`: warm-up calls, then several interleaved timed rounds; median (CUDA synchronised).
+- `time_interleaved()`: warm-up calls (timed apart: the first holds any compilation or graph
+  capture), then several interleaved timed rounds; median (CUDA synchronised).
 - `describe_device()`, `versions()`, `write_result()`: what every result JSON records.
 
 Run benchmarks from the repository root (`python bench/<name>.py`); see bench/README.md.
@@ -30,14 +34,29 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # SimpleStories-1.25M's shape (its tokenizer also has EOS at id 1)
 TINY_LLAMA = dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
                   intermediate_size=512, vocab_size=4096, tie_word_embeddings=True)
+# Qwen2.5-0.5B's body (its rope base and norm epsilon too) as a Llama, on the benchmark vocabulary
+QWEN05B_LLAMA = dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                     intermediate_size=4864, vocab_size=4096, tie_word_embeddings=True, rope_theta=1e6,
+                     rms_norm_eps=1e-6)
+SHAPES = {"tiny": TINY_LLAMA, "qwen05b": QWEN05B_LLAMA}
+SHAPE_NAMES = {"tiny": "tiny Llama (SimpleStories-1.25M shape)",
+               "qwen05b": "Llama with Qwen2.5-0.5B's body (24 layers, d 896, GQA 14/2), vocab 4096"}
 UNK_ID, EOS_ID, PAD_ID = 0, 1, 2
 
 
 def tiny_llama(device: str | torch.device = "cpu", seed: int = 0, **overrides):
     """The benchmark model: a random-weight Llama shaped like SimpleStories-1.25M, in eval mode."""
+    return bench_model("tiny", device, seed, **overrides)
+
+
+def bench_model(shape: str, device: str | torch.device = "cpu", seed: int = 0, **overrides):
+    """The random-weight Llama of `shape` (`SHAPES`: "tiny" or "qwen05b"), in eval mode, float32."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**{**TINY_LLAMA, **overrides}, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; one of {sorted(SHAPES)}")
+    config = LlamaConfig(**{**SHAPES[shape], **overrides}, bos_token_id=EOS_ID, eos_token_id=EOS_ID,
+                         pad_token_id=PAD_ID)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -89,19 +108,25 @@ def prompt_texts(ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 5,
                      device: str | torch.device = "cpu") -> dict[str, dict]:
-    """Time each of `fns` (name -> no-argument call): `warmup` untimed calls each, then `repeats`
-    rounds in which each is called once, timed. Interleaving the rounds spreads any drift in machine
-    load over all of them alike. Returns name -> {"median_s", "min_s", "times_s"}; on CUDA the device
-    is synchronised around each timed call."""
+    """Time each of `fns` (name -> no-argument call): `warmup` calls each (timed apart: the first holds
+    any one-time cost, compilation or graph capture), then `repeats` rounds in which each is called
+    once, timed. Interleaving the rounds spreads any drift in machine load over all of them alike.
+    Returns name -> {"median_s", "min_s", "times_s", "warmup_s"}; on CUDA the device is synchronised
+    around each timed call."""
     cuda = torch.device(device).type == "cuda"
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    for fn in fns.values():
+    warm: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
         for _ in range(warmup):
+            sync()
+            t0 = time.perf_counter()
             fn()
+            sync()
+            warm[name].append(time.perf_counter() - t0)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -110,7 +135,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, r
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts} for name, ts in times.items()}
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts, "warmup_s": warm[name]}
+            for name, ts in times.items()}
 
 
 def describe_device(device: str | torch.device) -> str:

@@ -421,6 +421,15 @@ class RLCommon(Strict):
     n_samples: int = Field(4, ge=0)
     early_stop: EarlyStopConfig | None = None
     """Stop before `max_steps` when a logged metric crosses a threshold (None: never)."""
+    decode: Literal["auto", "eager", "static", "graph"] = "auto"
+    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` replays one CUDA graph
+    per step on CUDA (the host loop where the step cannot be captured, said in one log line) and runs
+    the host loop on CPU; `eager` the host loop everywhere; `static` the fixed-shape step without
+    capture; `graph` the captured step or an error. Every mode samples the same tokens."""
+    adamw: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
+    """AdamW's implementation (`torch.optim.AdamW`'s `foreach` / `fused`): `auto` is fused on CUDA and
+    PyTorch's default elsewhere (a loop over the parameters on CPU). All give the same update up to
+    float rounding (a test holds them to 1e-6)."""
 
 
 class GRPOConfig(RLCommon):
@@ -439,6 +448,15 @@ class GRPOConfig(RLCommon):
     epsilon_high: float | None = Field(None, ge=0)
     """Upper clip; None: epsilon_low."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Precision of the forward passes (sampling and update). `bf16`: autocast to bfloat16 on CUDA, with
+    fp32 master weights, optimiser state and log-prob reductions; refused on CPU, where bf16 autocast is
+    slower than fp32. Needs `model.dtype: float32`."""
+    compile_logprobs: bool = False
+    """`torch.compile` the update's per-token log-prob head (log-softmax over the vocabulary and the
+    gather of the taken token, forward and backward) into fused kernels. It compiles once per
+    vocabulary, temperature and dtype (the row count is a dynamic dimension); the compile time is
+    reported apart (`mechrl.train.fast_update.compile_stats`). Off until measured faster."""
 
 
 class PPOConfig(RLCommon):
@@ -565,6 +583,9 @@ class GRPORunConfig(RLRunConfig):
         if r.enabled and self.train.lora is not None:
             raise ValueError("routing trains its own dual LoRA (routing.retain_rank / forget_rank); "
                              "remove train.lora (PEFT LoRA and full fine-tuning cannot be routed)")
+        if self.train.dtype == "bf16" and self.model.dtype != "float32":
+            raise ValueError(f"train.dtype=bf16 autocasts a float32 model (fp32 master weights); model.dtype is "
+                             f"{self.model.dtype}: set model.dtype=float32")
         return self
 
 

@@ -17,6 +17,11 @@ over processes with normalisers chosen so that the update equals one process's o
 (`distributed.py`; tests/test_distributed.py holds it to that). What is left out:
 vLLM, sequence-level importance sampling, and the many loss variants TRL carries.
 
+Speed (docs/speed.md): on CUDA the sampler replays a captured decode step (`train.decode`,
+`decode_graph.py`); `train.dtype` (bf16 autocast around every forward pass, fp32 master weights),
+`train.adamw` and `train.compile_logprobs` are the update's options (`fast_update.py`). On CPU the
+defaults leave the step as it was.
+
 Old log-probs: with one iteration the ratio is exactly 1 (old = current, detached), as in TRL;
 with more, they come from one no-grad forward pass before the first update.
 
@@ -42,6 +47,9 @@ from mechrl.config import GRPORunConfig
 from mechrl.envs import StepResult
 from mechrl.errors import TrainingDiverged
 from mechrl.runs.rundir import RunDir
+from mechrl.models.loading import resolve_device
+from mechrl.train.decode_graph import DecodeStats
+from mechrl.train.fast_update import autocast, check_dtype, compiled_logprobs
 from mechrl.train.losses import group_advantages, grpo_loss
 from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
 from mechrl.train.rollout import completion_logprobs, encode_prompts, generate
@@ -68,6 +76,7 @@ class GRPOBatch:
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample labels from hooks, (B,)
     examples: list[dict] = field(default_factory=list)  # the environment's example of each sample
     keep: torch.Tensor | None = None  # (B,) bool: the rows the loss uses (None: all); filtering drops rows
+    decode: DecodeStats | None = None  # how the sampler's decode steps ran (graph replays, capture time)
 
     def loss_rows(self) -> torch.Tensor:
         """Indices (n,) of the rows the policy loss uses, on the CPU."""
@@ -98,21 +107,30 @@ class GRPOHooks:
         return [rows[s] for s in micro_batches(rows.numel(), size)] if rows.numel() else []
 
     def logprobs(self, st: RLState, batch: GRPOBatch, mb: slice | torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs (len(mb), T) of the policy on micro-batch `mb`, with gradients."""
+        """Per-token log-probs (len(mb), T) of the policy on micro-batch `mb`, with gradients. Runs
+        inside the update's autocast context (`train.dtype`); returns float32."""
         return completion_logprobs(st.policy, batch.prompt_ids[mb], batch.prompt_mask[mb],
                                    batch.completion_ids[mb], batch.completion_mask[mb],
-                                   temperature=st.cfg.train.temperature)
+                                   temperature=st.cfg.train.temperature, logprob_fn=_logprob_head(st))
 
     def after_step(self, st: RLState, step: int, batch: GRPOBatch) -> dict[str, float]:
         """Called after each step's update (e.g. a periodic evaluation). Returns metrics to log."""
         return {}
 
 
+def _logprob_head(st: RLState):
+    """The head from logits to log-probs: the compiled one with `train.compile_logprobs`, else the default."""
+    return compiled_logprobs() if st.cfg.train.compile_logprobs else None
+
+
 @torch.no_grad()
-def _logprobs_no_grad(model, batch: GRPOBatch, temperature: float, size: int | None) -> torch.Tensor:
-    parts = [completion_logprobs(model, batch.prompt_ids[mb], batch.prompt_mask[mb], batch.completion_ids[mb],
-                                 batch.completion_mask[mb], temperature=temperature)
-             for mb in micro_batches(batch.prompt_ids.size(0), size)]
+def _logprobs_no_grad(st: RLState, model, batch: GRPOBatch, size: int | None) -> torch.Tensor:
+    t = st.cfg.train
+    with autocast(t.dtype, st.device):
+        parts = [completion_logprobs(model, batch.prompt_ids[mb], batch.prompt_mask[mb], batch.completion_ids[mb],
+                                     batch.completion_mask[mb], temperature=t.temperature,
+                                     logprob_fn=_logprob_head(st))
+                 for mb in micro_batches(batch.prompt_ids.size(0), size)]
     return torch.cat(parts, 0)
 
 
@@ -125,16 +143,18 @@ def rollout(st: RLState, timer: Timer) -> GRPOBatch:
     prompts = [it.prompt for it in group_items]
     with timer("generate"):
         ids, mask = encode_prompts(st.tokenizer, [it.prompt for it in items], st.device)  # each prompt once
-        roll = generate(st.policy, st.tokenizer, prompt_ids=ids.repeat_interleave(G, 0),
-                        prompt_mask=mask.repeat_interleave(G, 0), max_new_tokens=t.max_new_tokens,
-                        temperature=t.temperature, top_k=t.top_k, top_p=t.top_p, generator=st.generator)
+        with autocast(t.dtype, st.device):
+            roll = generate(st.policy, st.tokenizer, prompt_ids=ids.repeat_interleave(G, 0),
+                            prompt_mask=mask.repeat_interleave(G, 0), max_new_tokens=t.max_new_tokens,
+                            temperature=t.temperature, top_k=t.top_k, top_p=t.top_p, generator=st.generator,
+                            decode=t.decode)
     with timer("reward"):
         result = st.env.step(group_items, roll.texts)
     rewards = result.rewards.total.to(st.device, torch.float32)  # (B,)
     advantages, _ = group_advantages(rewards, G, t.scale_rewards)
     return GRPOBatch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask, rewards,
                      advantages, roll.texts, prompts, result, roll.logprobs,
-                     examples=[it.example for it in group_items])
+                     examples=[it.example for it in group_items], decode=roll.decode)
 
 
 def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
@@ -158,10 +178,10 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
     n_tokens = st.dist.sum(mask.sum()) / world if world > 1 else int(mask[rows.to(mask.device)].sum().item())
     # old and reference log-probs, fixed for the whole step
     if t.num_iterations > 1:
-        batch.old_logp = _logprobs_no_grad(st.policy, batch, t.temperature, micro_batch_size)
+        batch.old_logp = _logprobs_no_grad(st, st.policy, batch, micro_batch_size)
     if t.beta > 0:
         with st.reference_context():
-            batch.ref_logp = _logprobs_no_grad(st.ref_model, batch, t.temperature, micro_batch_size)
+            batch.ref_logp = _logprobs_no_grad(st, st.ref_model, batch, micro_batch_size)
 
     params = [p for p in st.policy.parameters() if p.requires_grad]
     loss_metrics: dict[str, torch.Tensor] = {}
@@ -183,7 +203,8 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
                                f"{B} loss rows exactly once and no dropped row; rows covered wrongly: "
                                f"{(seen != want).nonzero().flatten().tolist()[:10]}")
         for mb in parts:
-            logp = hooks.logprobs(st, batch, mb)  # (b, T)
+            with autocast(t.dtype, st.device):  # forward only; the loss and backward stay outside
+                logp = hooks.logprobs(st, batch, mb)  # (b, T), float32
             old = logp.detach() if batch.old_logp is None else batch.old_logp[mb]
             ref = None if batch.ref_logp is None else batch.ref_logp[mb]
             loss, m = grpo_loss(logp, old, batch.advantages[mb], mask[mb], loss_type=t.loss_type,
@@ -288,5 +309,7 @@ def run_grpo(cfg: GRPORunConfig, run: RunDir, *, model=None, tokenizer=None, tas
     if hooks is None and (cfg.routing.enabled or cfg.mitigation.detector is not None):
         raise ValueError("run_grpo: this config enables routing or a mitigation detector, which plain GRPO "
                          "would ignore; run it with mechrl.train.runners.train(cfg, run)")
+    if model is None:  # a given model's device is checked at the first step (autocast)
+        check_dtype(cfg.train.dtype, resolve_device(cfg.model.device))
     return run_rl(cfg, run, "grpo", _step(hooks or GRPOHooks()), need_ref=cfg.train.beta > 0, model=model,
                   tokenizer=tokenizer, task=task)

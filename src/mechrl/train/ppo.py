@@ -98,7 +98,8 @@ def rollout(st: RLState, timer: Timer) -> PPOBatch:
     prompts = [it.prompt for it in items]
     with timer("generate"):
         roll = generate(st.policy, st.tokenizer, prompts, max_new_tokens=t.max_new_tokens,
-                        temperature=t.temperature, top_k=t.top_k, top_p=t.top_p, generator=st.generator)
+                        temperature=t.temperature, top_k=t.top_k, top_p=t.top_p, generator=st.generator,
+                        decode=t.decode)
     with timer("reward"):
         result = st.env.step(items, roll.texts)
     scores = result.rewards.total.to(st.device, torch.float32)

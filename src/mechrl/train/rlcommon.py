@@ -35,6 +35,7 @@ from mechrl.tasks import build_task
 from mechrl.tasks.base import Task
 from mechrl.train.checkpoint import clear_partial, load_checkpoint, save_checkpoint
 from mechrl.train.distributed import Dist, env_world_size, sampling_seed
+from mechrl.train.fast_update import build_adamw
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,7 @@ def setup_rl(cfg: RLRunConfig, run: RunDir, *, need_ref: bool, model=None, token
     modules = make_modules(policy) if make_modules is not None else {}
     dist.broadcast_parameters([m for m in (policy, ref, *modules.values()) if m is not None])
     params = trainable_parameters(policy) + [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay)
+    optimizer = build_adamw(params, t, device)  # train.adamw: fused on CUDA by default
     scheduler = warmup_constant(optimizer, t.warmup_steps)
     generator = torch.Generator(device=device).manual_seed(sampling_seed(cfg.seed, dist.rank))
     env_cfg = cfg.env if cfg.env.seed is not None else cfg.env.model_copy(update={"seed": cfg.seed})

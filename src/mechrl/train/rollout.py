@@ -21,7 +21,9 @@ batch, a 1.6M-parameter Llama, 16 prompts x 8 completions x 32 tokens, CPU; benc
   step; positions are precomputed. No gain measured on CPU, but on GPU it skips the model's
   per-step mask building, which syncs with the host; `done.all()` is checked every 8 steps there.
 Not kept: `torch.inference_mode` (within noise, and its tensors cannot be saved for backward).
-Not done: CUDA graphs / `torch.compile` of the decode step (its shapes are static, so it could be).
+On CUDA the decode step runs as one CUDA graph replay (`decode_graph.py`: the same step as a
+fixed-shape function over static buffers, captured once per shape); the host loop below stays the
+CPU path and the reference the captured step is tested against.
 
 Left out: beam search, repetition penalties, batching prompts of very different lengths by bucket.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase,
 from transformers.cache_utils import StaticLayer
 
 from mechrl.errors import TrainingDiverged
+
+if TYPE_CHECKING:
+    from mechrl.train.decode_graph import DecodeStats
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, T) 1 on generated tokens up to and including EOS
     logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under the sampling distribution
     texts: list[str]  # decoded completions, up to EOS / stop string, special tokens removed
+    decode: DecodeStats | None = None  # how the decode steps ran (mode, steps, host checks, capture time)
 
     @property
     def lengths(self) -> torch.Tensor:  # (B,)
@@ -145,7 +152,8 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_strings: tuple[str, ...] = (), generator: torch.Generator | None = None,
              prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-             check_every: int | None = None, attn_implementation: str | None = None) -> Rollout:
+             check_every: int | None = None, attn_implementation: str | None = None,
+             decode: str = "auto") -> Rollout:
     """Sample completions for `prompts` (strings), or for `prompt_ids`/`prompt_mask` ((B, P),
     left-padded, e.g. from `encode_prompts`; the mask defaults to all ones). `temperature=0` is
     greedy. `generator` (on the model's device) makes sampling reproducible. `check_every`: decode
@@ -153,6 +161,10 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     `attn_implementation`: the attention kernel to sample with ("eager", "sdpa", ...; the model's
     setting is restored afterwards). Default: "eager" on CPU when the model is set to "sdpa" (PyTorch's
     CPU sdpa kernel is slow for a single query: 11% of the benchmark's time), else the model's own.
+    `decode`: how the decode steps run (`decode_graph.DECODE_MODES`): "auto" (the default) replays a
+    captured CUDA graph per step on CUDA and runs the host loop on CPU; "eager" the host loop;
+    "static" the fixed-shape step without capture; "graph" requires the capture. All give the same
+    tokens (`Rollout.decode` says which ran and what it cost).
 
     The model is used as it is, in train or eval mode: call `model.eval()` first if it has dropout."""
     if max_new_tokens < 1:
@@ -174,6 +186,12 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     _validate_prompt_tensors(prompt_ids, prompt_mask)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 8
+    if check_every < 1:
+        raise ValueError(f"generate: check_every must be >= 1, got {check_every}")
+    from mechrl.train.decode_graph import DECODE_MODES, run_decode  # imports this module
+
+    if decode not in DECODE_MODES:
+        raise ValueError(f"generate: decode must be one of {DECODE_MODES}, got {decode!r}")
     impl = getattr(model.config, "_attn_implementation", None)
     if (attn_implementation is None and device.type == "cpu" and impl == "sdpa"
             and getattr(model, "_can_set_attn_implementation", lambda: False)()):
@@ -186,9 +204,10 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
                 raise ValueError(f"generate: could not set attn_implementation={attn_implementation!r} on "
                                  f"{type(model).__name__}; pass attn_implementation={impl!r}")
         with torch.no_grad():
-            ids, mask, logprobs = _sample_loop(model, tok, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, top_p=top_p,
-                                               stop_strings=stop_strings, generator=generator, check_every=check_every)
+            ids, mask, logprobs, stats = run_decode(
+                model, tok, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, stop_strings=stop_strings, generator=generator, check_every=check_every,
+                mode=decode)
     finally:
         if switch:
             model.set_attn_implementation(impl)
@@ -200,14 +219,57 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     width = int(mask.any(0).nonzero().max()) + 1  # drop trailing columns where no row is live
     ids, mask, logprobs = ids[:, :width], mask[:, :width], logprobs[:, :width]
     texts = decode_completions(tok, ids, mask, stop_strings)
-    return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, texts)
+    return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, texts, stats)
+
+
+def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+            cache_len: int) -> tuple[StaticCache, torch.Tensor, torch.Tensor | None]:
+    """Each distinct prompt through the model once, into a fresh `StaticCache` of `cache_len` columns.
+    Returns (cache of the U distinct prompts, next-token logits (U, V) float32, inverse): `inverse`
+    (B,) maps row i of the batch to its distinct prompt, None when no prompt repeats (U = B, same order)."""
+    P = prompt_ids.size(1)
+    uniq, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    repeated = uniq.size(0) < prompt_ids.size(0)
+    u_ids, u_mask = (uniq[:, :P], uniq[:, P:]) if repeated else (prompt_ids, prompt_mask)  # (U, P)
+    u_pos = (u_mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, past_key_values=cache, use_cache=True,
+                **kw)
+    return cache, out.logits[:, -1, :].float(), (inverse if repeated else None)
+
+
+def decode_mask(model: PreTrainedModel, cache: StaticCache, prompt_mask: torch.Tensor,
+                cache_len: int) -> tuple[torch.Tensor, bool | float | int]:
+    """The attention mask over the whole cache (`cache_len` columns, the prompt's `prompt_mask` in the
+    first P), in the form the model's attention kernel takes, and the value that opens a column.
+    sdpa: 4-D bool; eager: 4-D additive; other kernels (flash, flex), or caches with sliding-window
+    layers (the model then builds a mask per layer type): 2-D, which the model turns into its own."""
+    B, P = prompt_mask.shape
+    device = prompt_mask.device
+    impl = getattr(model.config, "_attn_implementation", None)
+    if any(type(layer) is not StaticLayer for layer in cache.layers):
+        impl = None  # sliding-window or other special layers: the model builds its masks per layer type
+    if impl == "sdpa":  # the 4-D mask the kernel takes, so the model skips building one per step
+        attn = torch.zeros(B, 1, 1, cache_len, dtype=torch.bool, device=device)
+        attn[:, 0, 0, :P] = prompt_mask.bool()
+        return attn, True
+    if impl == "eager":  # additive
+        dtype = next(model.parameters()).dtype
+        attn = torch.full((B, 1, 1, cache_len), torch.finfo(dtype).min, dtype=dtype, device=device)
+        attn[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0.0)
+        return attn, 0.0
+    attn = torch.zeros(B, cache_len, dtype=prompt_mask.dtype, device=device)
+    attn[:, :P] = prompt_mask
+    return attn, 1
 
 
 def _sample_loop(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, stop_strings: tuple[str, ...], generator: torch.Generator | None,
-                 check_every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prefill and the decode loop; returns completion (ids, mask, logprobs), each (B, steps run)."""
+                 check_every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The prefill and the decode loop (`decode="eager"`); returns completion (ids, mask, logprobs),
+    each (B, steps run), and the number of end checks that read a device value on the host."""
     eos, pad = tok.eos_token_id, tok.pad_token_id
     device = prompt_ids.device
     B, P = prompt_ids.shape
@@ -215,43 +277,21 @@ def _sample_loop(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_id
     L = P + T
 
     # --- prefill: each distinct prompt once, then its cache rows copied to the rows that repeat it
-    uniq, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
-    repeated = uniq.size(0) < B
-    u_ids, u_mask = (uniq[:, :P], uniq[:, P:]) if repeated else (prompt_ids, prompt_mask)  # (U, P)
-    u_pos = (u_mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
-    cache = StaticCache(config=model.config, max_cache_len=L)
-    kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, past_key_values=cache, use_cache=True,
-                **kw)
-    logits = out.logits[:, -1, :].float()  # (U, V)
-    if repeated:  # uniq[inverse[i]] is row i
+    cache, logits, inverse = prefill(model, prompt_ids, prompt_mask, L)  # logits (U, V)
+    if inverse is not None:  # uniq[inverse[i]] is row i
         cache.reorder_cache(inverse)
         logits = logits[inverse]  # (B, V)
 
     # --- decode state, allocated once. The mask covers the whole cache (L columns); column P + t
     # opens when generated token t enters the cache.
-    impl = getattr(model.config, "_attn_implementation", None)
-    if any(type(layer) is not StaticLayer for layer in cache.layers):
-        impl = None  # sliding-window or other special layers: the model builds its masks per layer type
-    if impl == "sdpa":  # the 4-D mask the kernel takes, so the model skips building one per step
-        attn = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=device)
-        attn[:, 0, 0, :P] = prompt_mask.bool()
-        open_value = True
-    elif impl == "eager":  # additive
-        dtype = next(model.parameters()).dtype
-        attn = torch.full((B, 1, 1, L), torch.finfo(dtype).min, dtype=dtype, device=device)
-        attn[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0.0)
-        open_value = 0.0
-    else:  # other kernels (flash, flex) build their own from the 2-D mask
-        attn = torch.zeros(B, L, dtype=prompt_mask.dtype, device=device)
-        attn[:, :P] = prompt_mask
-        open_value = 1
+    attn, open_value = decode_mask(model, cache, prompt_mask, L)
     positions = prompt_mask.sum(1, keepdim=True) + torch.arange(T, device=device)  # (B, T) of generated tokens
     completion_ids = torch.full((B, T), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, T, dtype=torch.float32, device=device)
     completion_mask = torch.zeros(B, T, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pad_t = torch.full((B,), pad, dtype=torch.long, device=device)
+    checks = 0
     for t in range(T):
         tokens, lp = _sample(logits, temperature, top_k, top_p, generator)
         live = ~done
@@ -262,13 +302,17 @@ def _sample_loop(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_id
         done = done | (tokens == eos)
         if stop_strings and t % 4 == 3:  # early exit only; `_cut_at_stop` finds the exact end afterwards
             done = done | _hit_stop(tok, completion_ids[:, :t + 1], completion_mask[:, :t + 1], stop_strings)
-        if t == T - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
+        if t == T - 1:
             break
+        if (t + 1) % check_every == 0:
+            checks += 1
+            if bool(done.all()):
+                break
         attn[..., P + t] = open_value
         out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=positions[:, t:t + 1],
                     past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()  # (B, V)
-    return completion_ids[:, :t + 1], completion_mask[:, :t + 1], logprobs[:, :t + 1]
+    return completion_ids[:, :t + 1], completion_mask[:, :t + 1], logprobs[:, :t + 1], checks
 
 
 def _hit_stop(tok, ids: torch.Tensor, mask: torch.Tensor, stop_strings) -> torch.Tensor:
@@ -312,7 +356,7 @@ def decode_completions(tok: PreTrainedTokenizerBase, ids: torch.Tensor, mask: to
 
 def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                         completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                        temperature: float = 1.0, share_prompts: bool = True) -> torch.Tensor:
+                        temperature: float = 1.0, share_prompts: bool = True, logprob_fn=None) -> torch.Tensor:
     """Per-token log-probs (B, T) of `completion_ids` given the prompts, with gradients.
 
     With `share_prompts` (the default) and rows that repeat a prompt (a GRPO group), each distinct
@@ -321,7 +365,9 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
     completions then run on that cache. The result and its gradients equal one full pass over
     prompt + completion (a test holds both to 1e-5), at (U x P + B x T) positions instead of
     B x (P + T) for U distinct prompts. Logits are computed for completion predictions only, and the
-    last completion token is never fed (nothing is predicted from it)."""
+    last completion token is never fed (nothing is predicted from it). `logprob_fn(logits, ids,
+    temperature)`: the head from logits to log-probs (default `token_logprobs`; e.g. the compiled one
+    of `fast_update`)."""
     B, T = completion_ids.shape
     mask = torch.cat([prompt_mask, completion_mask], 1)  # (B, P+T)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
@@ -348,7 +394,12 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
             rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
                          position_ids=position_ids[:, P:-1], past_key_values=cache, use_cache=True).logits
             logits = torch.cat([first, rest], 1)  # (B, T, V)
+    return (logprob_fn or token_logprobs)(logits, completion_ids, temperature)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, T), float32, of tokens `ids` (B, T) under softmax(logits / temperature), logits (B, T, V)."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.gather(F.log_softmax(logits, -1), 2, completion_ids[..., None]).squeeze(-1)
+    return torch.gather(F.log_softmax(logits, -1), 2, ids[..., None]).squeeze(-1)
