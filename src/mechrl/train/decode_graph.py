@@ -129,7 +129,7 @@ class DecodeRunner:
                  cache_len: int, vocab: int, temperature: float, top_k: int | None, top_p: float | None,
                  eos: int, pad: int, generator: torch.Generator | None):
         device = attn.device
-        B, T, L = rows, new_tokens, cache_len
+        B, T = rows, new_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         # the runner's own generator, on the caller's generator's device: the graph is registered with it
         # (not with the caller's), and each call lends it the caller's state and hands it back advanced
