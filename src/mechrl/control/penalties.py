@@ -13,6 +13,8 @@ compose by weight in the recipe's `reward:` list, with GRPO and PPO alike:
                       buffer's latents (`density_ratio.OnlineDensityRatio`); its batch mean is -KL(policy ||
                       human), so weight beta gives -beta * KL. Per sample, so that it moves GRPO's
                       group-relative advantages (a batch constant would not).
+    rm_score          monitor (weight 0): w . z as the reward model was trained (no clamp, no edit), so arms
+                      whose optimised score is edited still log the same RM score
     latent_firing_kl  monitor (weight 0): sum over the buffer's latents of KL(Bern(policy firing rate) ||
                       Bern(human firing rate)), the same value for every sample of the batch
     feature_fires_<i> monitor (weight 0): 1[z_i > tau] for latent i (its batch mean is its firing rate)
@@ -43,7 +45,7 @@ import torch
 from mechrl.config import ConfigError
 from mechrl.control.density_ratio import DensityRatioConfig, OnlineDensityRatio, firing_rate_kl
 from mechrl.control.sarm import FeatureIndexError, SAEReward
-from mechrl.rewards.registry import register_reward_factory, register_reward_pattern
+from mechrl.rewards.registry import register_reward, register_reward_factory, register_reward_pattern
 
 __all__ = ["load_cached", "penalty_values", "check_penalty", "build_human_buffer", "load_human_buffer"]
 
@@ -215,6 +217,14 @@ def latent_firing_kl(sarm: str, human: str, device: str = "cpu"):
         return [kl] * len(completions)
 
     return fn
+
+
+@register_reward("rm_score")
+def rm_score(prompts: list[str], completions: list[str], examples: list[dict], sarm: str,
+             device: str = "cpu") -> list[float]:
+    """w . z of the SAEReward at `sarm` as trained (no clamp, no head edit): a monitor."""
+    model = load_cached(sarm, device)
+    return model.score_latents(model.raw_latents(prompts, completions)).tolist()
 
 
 @register_reward_pattern(r"feature_fires_(\d+)", example="feature_fires_12")

@@ -10,6 +10,10 @@ checked against the function's signature (names and annotated types) when the re
 so a typo fails before training starts. Every call is checked too: a component that returns the
 wrong number of values, something that is not a number, or a NaN/inf raises with its name.
 
+A reward that holds state (a loaded reward model, a buffer of samples) is registered as a factory
+(`register_reward_factory`): `factory(**params)` returns the batch function, and each built `Reward` calls
+it once, so every run has its own state.
+
     >>> from mechrl.config import RewardSpec
     >>> reward = build_reward([RewardSpec(name="contains_word", params={"word": "RED"})])
     >>> reward(["p", "p"], ["RED 3 = 3", "BLUE"], [{}, {}]).total

@@ -50,6 +50,8 @@ def register_study(name: str, target: str, presets: tuple[str, ...], description
 
 register_study("sft-vs-rl", "mechrl.studies.sft_vs_rl:run_study", ("tiny", "smoke"),
                "SFT then GRPO on the card game; every split evaluated; probes, patching, ablation, SAEs")
+register_study("feature-control", "mechrl.studies.feature_control:run_study", ("tiny", "smoke"),
+               "a SARM reward model with a labeller bias; RL penalising its bias features vs the true behaviour")
 
 
 def get_study(name: str) -> StudySpec:
