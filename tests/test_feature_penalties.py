@@ -140,7 +140,8 @@ def test_select_features_ranks_hack_features_with_positive_weight():
           "word_corr": {"happy": np.zeros(d)}, "fire_hack": np.ones(d), "fire_clean": np.ones(d),
           "bias_contribution": w * (z[hack > 0].mean(0) - z[hack == 0].mean(0)), "mean_attribution": w * z.mean(0),
           "z": z, "hack": hack}
-    sel = select_features(ev, SelectionConfig(min_corr=0.5, max_features=3, tau_quantile=0.9, n_kl_features=4))
+    sel = select_features(ev, SelectionConfig(min_corr=0.5, max_features=3, tau_quantile=0.9, n_kl_features=4,
+                                              causal_check=False))
     assert [f["index"] for f in sel["features"]] == [2, 4]
     f = sel["features"][0]
     assert f["tau"] == pytest.approx(np.quantile(z[hack == 0, 2], 0.9))
@@ -199,3 +200,45 @@ def test_rl_with_feature_control_logs_every_term_and_leaves_the_rm_frozen(saved,
     r = rows[-1]
     want = r["reward/sarm_score/mean"] + r["reward/feature_penalty/mean"] + 0.1 * r["reward/latent_kl/mean"]
     assert r["reward/mean"] == pytest.approx(want, abs=1e-5)
+
+
+def test_causal_check_keeps_only_candidates_whose_clamp_helps():
+    rng = np.random.default_rng(1)
+    n, d = 300, 5
+    hack = rng.integers(0, 3, size=n).astype(float)
+    z = np.abs(rng.normal(size=(n, d))) * 0.1 + hack[:, None] * np.array([1.0, 0.9, 0.8, 0.7, 0.0])
+    w = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+    ev = {"head_weight": w, "attr_diff": w, "hack_corr": np.array([np.corrcoef(z[:, i], hack)[0, 1] for i in range(d)]),
+          "word_corr": {}, "fire_hack": np.ones(d), "fire_clean": np.ones(d),
+          "bias_contribution": w * (z[hack > 0].mean(0) - z[hack == 0].mean(0)), "mean_attribution": w * z.mean(0),
+          "z": z, "hack": hack}
+    gains = {0: 0.05, 1: -0.1, 2: 0.0, 3: 0.02}
+    probed = []
+    sel = select_features(ev, SelectionConfig(min_corr=0.5, max_features=3, max_candidates=3),
+                          probe=lambda i: probed.append(i) or gains[i])
+    assert probed == [0, 1, 2]  # the first max_candidates by bias contribution
+    assert [f["index"] for f in sel["features"]] == [0]
+    assert sel["causal_check"] == [{"index": 0, "conflict_accuracy_gain": 0.05, "kept": True},
+                                   {"index": 1, "conflict_accuracy_gain": -0.1, "kept": False},
+                                   {"index": 2, "conflict_accuracy_gain": 0.0, "kept": False}]
+    with pytest.raises(ValueError, match="needs a probe"):
+        select_features(ev, SelectionConfig())
+
+
+def test_top_activating_marks_the_words_whose_deletion_lowers_the_latent(saved):
+    from mechrl.control.features import top_activating
+
+    _, sarm = saved
+    z = sarm.raw_latents(PROMPTS, COMPLETIONS)
+    i = int(z.abs().sum(0).argmax())
+    top = top_activating(sarm, i, PROMPTS, COMPLETIONS, n=2, mark_fraction=1.0)
+    assert [t["text_index"] for t in top] == z[:, i].argsort(descending=True)[:2].tolist()
+    t = top[0]
+    words = t["completion"].split(" ")
+    best = max(t["word_drops"], key=t["word_drops"].get)
+    k = words.index(best)
+    without = " ".join(words[:k] + words[k + 1:])
+    want = float(z[t["text_index"], i] - sarm.raw_latents([t["prompt"]], [without])[0, i])
+    assert t["word_drops"][best] == pytest.approx(want, abs=1e-4)
+    if want > 0:
+        assert f"[[{best}]]" in t["marked"]

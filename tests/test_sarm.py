@@ -133,6 +133,12 @@ def test_latents_of_a_batch_are_computed_once(sarm):
     assert calls["n"] == 1
     sarm.score(PROMPTS[:2], COMPLETIONS[:2])
     assert calls["n"] == 2
+    sarm.score(PROMPTS, COMPLETIONS)  # still cached
+    assert calls["n"] == 2
+    for k in range(5):  # pushed out by newer batches
+        sarm.score(PROMPTS[:1], [f" it slept {k} ."])
+    sarm.score(PROMPTS, COMPLETIONS)
+    assert calls["n"] == 8
 
 
 # ----------------------------------------------------------------------------------------------

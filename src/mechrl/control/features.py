@@ -10,12 +10,13 @@ Evidence per latent i (w: head weights, z: latents at the end token):
                              the latent adds to a hacking text
 
 Selection (`select_features`): latents with w_i > 0 and hack correlation >= `min_corr`, ranked by bias
-contribution, the first `max_features`; each gets a threshold tau_i, the `tau_quantile` quantile of z_i on
+contribution; with the causal check (default), only those whose clamp to 0 raises the RM's accuracy on
+probe pairs where bias and quality disagree; the first `max_features`. Each gets a threshold tau_i, the `tau_quantile` quantile of z_i on
 texts without the hack (so it fires on at most that share of clean texts, and at 0 it means "active").
 
-Then, for the report and `selected_features.json`: each feature's top-activating texts with the tokens
-where it fires marked (the SAE applied at every position; it was trained on the last token, so earlier
-positions show where the direction builds up), its logit-lens tokens (decoder direction through the
+Then, for the report and `selected_features.json`: each feature's top-activating texts with the words
+that drive it marked (occlusion: the drop in its end-token activation when the word is deleted), its
+logit-lens tokens (decoder direction through the
 trunk's unembedding, when it has one), causal clamping probes (clamp to 0: change in score and in
 preference accuracy on held-out pairs) and best-of-N reranking (`best_of_n`).
 """
@@ -29,11 +30,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mechrl.analysis.cache import run_with_cache
 from mechrl.config import Strict
-from mechrl.control.sarm import SAEReward, standardize
+from mechrl.control.sarm import SAEReward
 from mechrl.tasks.stories.preferences import GroundTruth, preference_accuracies
-from mechrl.train.reward_model import pad_right
 
 __all__ = ["SelectionConfig", "feature_evidence", "select_features", "top_activating", "logit_lens",
            "clamp_probe", "best_of_n", "pick_best"]
@@ -42,6 +41,11 @@ __all__ = ["SelectionConfig", "feature_evidence", "select_features", "top_activa
 class SelectionConfig(Strict):
     min_corr: float = Field(0.3, ge=-1, le=1)
     max_features: int = Field(3, ge=1)
+    causal_check: bool = True
+    """Keep only candidates whose clamp to 0 makes the RM agree more with true quality on the probe pairs
+    where the bias and quality disagree (the causal probe of the seeds' phase 2)."""
+    max_candidates: int = Field(8, ge=1)
+    """Candidates (by bias contribution) the causal check probes."""
     tau_quantile: float = Field(0.9, ge=0, le=1)
     n_kl_features: int = Field(32, ge=1)
     """Latents the density-ratio KL compares: the selected ones, then the largest by |w_i| x mean z_i."""
@@ -89,11 +93,24 @@ def _rank(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def select_features(ev: dict, cfg: SelectionConfig) -> dict:
-    """The selected latents with their thresholds and evidence, and the latents the KL term compares."""
+def select_features(ev: dict, cfg: SelectionConfig, probe: Callable[[int], float] | None = None) -> dict:
+    """The selected latents with their thresholds and evidence, and the latents the KL term compares.
+
+    Candidates: w_i > 0 and hack correlation >= `min_corr`, ordered by bias contribution. With
+    `causal_check`, `probe(i)` (the gain in conflict-pair accuracy when latent i is clamped to 0) is measured
+    for the first `max_candidates`, and only those with a positive gain are kept."""
     w, corr, contrib = ev["head_weight"], ev["hack_corr"], ev["bias_contribution"]
     cand = np.nonzero((w > 0) & (corr >= cfg.min_corr))[0]
-    chosen = cand[np.argsort(-contrib[cand], kind="stable")][:cfg.max_features].tolist()
+    ordered = cand[np.argsort(-contrib[cand], kind="stable")].tolist()
+    probed = []
+    if cfg.causal_check:
+        if probe is None:
+            raise ValueError("select_features: causal_check needs a probe function")
+        for i in ordered[:cfg.max_candidates]:
+            gain = float(probe(i))
+            probed.append({"index": int(i), "conflict_accuracy_gain": gain, "kept": gain > 0})
+        ordered = [p["index"] for p in probed if p["kept"]]
+    chosen = ordered[:cfg.max_features]
     z, clean = ev["z"], ev["hack"] == 0
     rank_attr, rank_corr, rank_contrib = _rank(ev["attr_diff"]), _rank(corr), _rank(contrib)
     feats = []
@@ -113,29 +130,29 @@ def select_features(ev: dict, cfg: SelectionConfig) -> dict:
     kl = (chosen + rest)[:cfg.n_kl_features]
     top = lambda v, n=10: [{"index": int(i), "value": float(v[i])} for i in np.argsort(-v, kind="stable")[:n]]  # noqa: E731
     return {"features": feats, "kl_indices": kl, "criteria": cfg.model_dump(mode="json"),
-            "n_candidates": int(len(cand)), "top_by_attr_diff": top(ev["attr_diff"]),
+            "n_candidates": int(len(cand)), "causal_check": probed, "top_by_attr_diff": top(ev["attr_diff"]),
             "top_by_hack_corr": top(corr), "top_by_bias_contribution": top(contrib)}
 
 
 @torch.no_grad()
 def top_activating(sarm: SAEReward, feature: int, prompts: Sequence[str], texts: Sequence[str], *, n: int = 5,
-                   tau: float = 0.0) -> list[dict]:
-    """The `n` texts with the largest end-token activation of `feature`, each with its tokens and the
-    feature's activation at every token position (tokens where it exceeds `tau` are marked `[[tok]]`)."""
+                   mark_fraction: float = 0.5) -> list[dict]:
+    """The `n` texts with the largest end-token activation of `feature`, with the completion's words marked
+    `[[word]]` where deleting that word lowers the activation by at least `mark_fraction` of the largest drop
+    (occlusion: the SAE reads the last token only, so a word's share is measured by removing it)."""
     feature = sarm.check_index(feature)
     z = sarm.latents(list(prompts), list(texts))[:, feature].cpu()
     out = []
     for j in torch.argsort(z, descending=True)[:n].tolist():
-        ids = sarm.token_ids([prompts[j]], [texts[j]])[0]
-        x, mask = pad_right([ids], sarm.tokenizer.pad_token_id)
-        _, cache = run_with_cache(sarm.trunk, {"input_ids": x, "attention_mask": mask}, [sarm.site], stop_early=True)
-        h = cache[sarm.site][0].float()  # (T, D)
-        h = standardize(h) if sarm.standardize_hidden else h
-        acts = sarm.encode_hidden(h)[:, feature].cpu().tolist()  # (T,)
-        toks = sarm.tokenizer.convert_ids_to_tokens(ids)
-        marked = "".join(f"[[{t}]]" if a > tau else t for t, a in zip(toks, acts))
+        words = texts[j].split(" ")  # words and punctuation (a completion's leading space gives a first "")
+        ks = [k for k, w in enumerate(words) if w]
+        variants = [" ".join(words[:k] + words[k + 1:]) for k in ks]
+        drops = dict(zip(ks, (z[j] - sarm.latents([prompts[j]] * len(variants), variants)[:, feature].cpu()).tolist()))
+        top_drop = max(drops.values(), default=0.0)
+        marked = [f"[[{w}]]" if top_drop > 0 and drops.get(k, 0.0) >= mark_fraction * top_drop else w
+                  for k, w in enumerate(words)]
         out.append({"text_index": j, "activation": float(z[j]), "prompt": prompts[j], "completion": texts[j],
-                    "marked": marked, "token_activations": [round(a, 4) for a in acts]})
+                    "marked": " ".join(marked), "word_drops": {words[k]: round(d, 4) for k, d in drops.items()}})
     return out
 
 

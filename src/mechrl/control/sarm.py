@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import numbers
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -53,6 +54,8 @@ __all__ = ["FeatureIndexError", "SAEReward", "SarmTopK", "load_sarm_checkpoint",
            "SARM_FORMAT"]
 
 SARM_FORMAT = "mechrl-sarm/1"
+#: Batches of latents an SAEReward keeps (chosen and rejected texts of a probe alternate: 4 covers them).
+CACHED_BATCHES = 4
 SARM_FILE = "sarm.json"
 
 
@@ -162,7 +165,7 @@ class SAEReward:
         self.text_format = text_format
         self.meta = dict(meta or {})
         self._clamps: list[tuple[dict[int, float], dict[int, float]]] = []  # (set, scale) of each open clamp
-        self._cache: tuple[tuple, torch.Tensor] | None = None  # (key, raw latents) of the last batch
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (prompts, completions) -> raw latents
         for p in self.trunk.parameters():
             p.requires_grad_(False)
         if isinstance(self.encoder, nn.Module):
@@ -211,15 +214,18 @@ class SAEReward:
 
     @torch.no_grad()
     def raw_latents(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """(B, d_sae) latents before any clamp; the last batch is cached, so several reward components
-        scoring the same batch run the trunk once."""
+        """(B, d_sae) latents before any clamp (do not modify them in place). The last `CACHED_BATCHES`
+        batches are kept, so several reward components scoring one batch run the trunk once."""
         key = (tuple(prompts), tuple(completions))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
         z = self.encode_hidden(self.hidden(prompts, completions))
         if not bool(torch.isfinite(z).all()):
             raise FloatingPointError("SAEReward: non-finite latents")
-        self._cache = (key, z)
+        self._cache[key] = z
+        while len(self._cache) > CACHED_BATCHES:
+            self._cache.popitem(last=False)
         return z
 
     def apply_clamps(self, z: torch.Tensor) -> torch.Tensor:

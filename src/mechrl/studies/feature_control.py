@@ -78,6 +78,9 @@ class FeatureControlConfig(Strict):
     data: PreferenceConfig = PreferenceConfig()
     n_train_pairs: int = Field(4000, ge=10)
     n_test_pairs: int = Field(1000, ge=10)
+    n_probe_pairs: int = Field(1000, ge=10)
+    """Held-out pairs (labelled by quality) for the causal check of feature selection; the reported probes use
+    the test pairs."""
     n_corpus: int = Field(3000, ge=10)
     reward_model: RewardModelConfig = RewardModelConfig()
     sarm: SARMConfig = SARMConfig()
@@ -159,6 +162,7 @@ def stage_data(cfg: FeatureControlConfig, out: Path) -> dict:
         test = generate_pairs(cfg.data, "test", cfg.n_test_pairs, bias_fraction=0.0)
         save_pairs(train, d / "train_pairs.jsonl")
         save_pairs(test, d / "test_pairs.jsonl")
+        save_pairs(generate_pairs(cfg.data, "probe", cfg.n_probe_pairs, bias_fraction=0.0), d / "probe_pairs.jsonl")
         prompts, texts = corpus(cfg, cfg.n_corpus)
         (d / "corpus.jsonl").write_text("".join(json.dumps({"prompt": p, "response": t}) + "\n"
                                                 for p, t in zip(prompts, texts)))
@@ -170,7 +174,7 @@ def stage_data(cfg: FeatureControlConfig, out: Path) -> dict:
         atomic_write_json(d / "done.json", stats)
     read = lambda f: [json.loads(x) for x in (d / f).read_text().splitlines() if x.strip()]  # noqa: E731
     corp = read("corpus.jsonl")
-    return {"train": read("train_pairs.jsonl"), "test": read("test_pairs.jsonl"),
+    return {"train": read("train_pairs.jsonl"), "test": read("test_pairs.jsonl"), "probe": read("probe_pairs.jsonl"),
             "corpus": ([c["prompt"] for c in corp], [c["response"] for c in corp]),
             "stats": json.loads((d / "done.json").read_text())}
 
@@ -222,7 +226,13 @@ def stage_features(cfg: FeatureControlConfig, out: Path, data: dict, sarm) -> di
     truth = GroundTruth.of(cfg.data)
     cp, ct = data["corpus"]
     ev = feature_evidence(sarm, data["train"], (cp, ct), truth)
-    sel = select_features(ev, cfg.selection)
+
+    def conflict_gain(i: int) -> float:
+        r = clamp_probe(sarm, data["probe"], truth, set={i: 0.0})
+        before, after = r["before"]["accuracy"]["conflict"], r["after"]["accuracy"]["conflict"]
+        return 0.0 if before is None else after - before
+
+    sel = select_features(ev, cfg.selection, probe=conflict_gain)
     z, hack = ev["z"], ev["hack"]
     scores = sarm.score(cp, ct)
     score_std = float(scores.std())
@@ -231,7 +241,7 @@ def stage_features(cfg: FeatureControlConfig, out: Path, data: dict, sarm) -> di
         on = (z[:, i] > tau) & (hack > 0)
         f["alpha"] = cfg.control.alpha_mult * float(f["head_weight"] * (z[on, i].mean() if on.any() else 0.0))
         f["logit_lens"] = logit_lens(sarm, i)
-        f["top_stories"] = top_activating(sarm, i, cp, ct, n=5, tau=tau)
+        f["top_stories"] = top_activating(sarm, i, cp, ct, n=5)
         f["clamp_to_zero"] = clamp_probe(sarm, data["test"], truth, set={i: 0.0})
     idx = [f["index"] for f in sel["features"]]
     sel["clamp_all_to_zero"] = clamp_probe(sarm, data["test"], truth, set={i: 0.0 for i in idx}) if idx else None
