@@ -62,6 +62,7 @@ def test_each_arm_optimises_its_terms_and_logs_the_same_monitors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 80 s on an idle 2-core machine; far more on a busy one
 def test_smoke_preset_end_to_end(tmp_path):
     from mechrl.cli import main
 
@@ -77,3 +78,21 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert (out / "selected_features.json").is_file()
     # a rerun reuses every stage and run
     assert main(["study", "feature-control", "--preset", "smoke", "--out", str(out)]) == 0
+
+
+def test_bar_check_by_hand():
+    from mechrl.studies.feature_control_report import bar_check
+
+    def arm(h, q):
+        return {"final": {"hack_rate": {"mean": h}, "quality": {"mean": q}}}
+
+    arms = {"rm_only": arm(0.8, 0.5), "feature_penalty": arm(0.4, 0.45), "head_edit": arm(0.41, 0.6),
+            "penalty_kl": arm(0.2, 0.44)}
+    bar = bar_check(arms, {"hack_rate": 0.3})
+    assert bar["baseline_learns_hack"] is True
+    assert bar["feature_penalty"]["meets_bar"] is True  # halved exactly, quality x0.9
+    assert bar["head_edit"]["halves_hack"] is False and bar["head_edit"]["meets_bar"] is False
+    assert bar["penalty_kl"]["keeps_quality"] is False
+    # a baseline that does not rise to 0.5 fails the bar for every arm
+    weak = bar_check({"rm_only": arm(0.45, 0.5), "feature_penalty": arm(0.1, 0.5)}, {"hack_rate": 0.3})
+    assert weak["baseline_learns_hack"] is False and weak["feature_penalty"]["meets_bar"] is False
