@@ -96,3 +96,15 @@ def test_bar_check_by_hand():
     # a baseline that does not rise to 0.5 fails the bar for every arm
     weak = bar_check({"rm_only": arm(0.45, 0.5), "feature_penalty": arm(0.1, 0.5)}, {"hack_rate": 0.3})
     assert weak["baseline_learns_hack"] is False and weak["feature_penalty"]["meets_bar"] is False
+
+
+def test_conditional_firing_rates():
+    import torch
+
+    from mechrl.studies.feature_control import _conditional
+
+    fires = torch.tensor([True, False, True, True, False])
+    hack = [True, True, False, True, False]
+    got = _conditional(fires, hack)
+    assert got == pytest.approx({"rate": 0.6, "given_hack": 2 / 3, "given_no_hack": 0.5})
+    assert _conditional(fires, [False] * 5)["given_hack"] is None

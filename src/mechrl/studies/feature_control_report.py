@@ -235,6 +235,12 @@ def write_report(summary: dict, path: Path) -> Path:
             answer += (f"{arm}: hack rate x{b['hack_ratio_to_baseline']:.2f} of the baseline, true quality "
                        f"x{b['quality_ratio_to_baseline']:.2f} ({'meets' if b['meets_bar'] else 'misses'} the bar: "
                        "hack at most halved, quality loss at most 10%). ")
+    ev = summary["evasion"]
+    for arm in ("feature_penalty", "penalty_kl"):
+        e = ev.get(arm)
+        if e and e.get("final_fire_given_hack") is not None and ev.get("base_fire_given_hack") is not None:
+            answer += (f"Evasion check, {arm}: among its final samples that hack, the penalised latents fire on "
+                       f"{e['final_fire_given_hack']:.2f} (base model {ev['base_fire_given_hack']:.2f}). ")
     q = Section("Question and answer", text=summary["question"] + "\n\n" + answer, tables=[headline],
                 figures=[_bars(summary)])
 
@@ -247,7 +253,6 @@ def write_report(summary: dict, path: Path) -> Path:
                     "quality, the RM score as trained, each selected latent's firing above its tau, and each penalty "
                     "term.", figures=[steps_fig])
 
-    ev = summary["evasion"]
     ev_rows = []
     for arm in arms:
         if arm in ev:
