@@ -163,3 +163,17 @@ def contains_happy(prompts: list[str], completions: list[str], examples: list[di
     [True, False, False]
     """
     return contains_word(prompts, completions, examples, word="happy", min_count=min_count)
+
+
+@register_detector("contains_any_word")
+def contains_any_word(prompts: list[str], completions: list[str], examples: list[dict],
+                      words: list[str] | None = None, ignore_case: bool = True) -> list[bool]:
+    """True when any of `words` (whole words; default the positive-emotion words of
+    `mechrl.rewards.stories.POSITIVE_WORDS`) occurs in the completion.
+
+    >>> contains_any_word(["p"] * 3, ["so glad", "unhappy", "cheerful"], [{}] * 3)
+    [True, False, True]
+    """
+    from mechrl.rewards.stories import positive_word_counts  # local: stories imports builtin, as this module does
+
+    return [n > 0 for n in positive_word_counts(completions, words, ignore_case)]

@@ -10,6 +10,10 @@ checked against the function's signature (names and annotated types) when the re
 so a typo fails before training starts. Every call is checked too: a component that returns the
 wrong number of values, something that is not a number, or a NaN/inf raises with its name.
 
+A reward that holds state (a loaded reward model, a buffer of samples) is registered as a factory
+(`register_reward_factory`): `factory(**params)` returns the batch function, and each built `Reward` calls
+it once, so every run has its own state.
+
     >>> from mechrl.config import RewardSpec
     >>> reward = build_reward([RewardSpec(name="contains_word", params={"word": "RED"})])
     >>> reward(["p", "p"], ["RED 3 = 3", "BLUE"], [{}, {}]).total
@@ -32,7 +36,7 @@ from pydantic import TypeAdapter, ValidationError
 from mechrl.config import ConfigError, RewardSpec, _suggest
 
 __all__ = ["RewardFn", "RewardOutput", "Reward", "register_reward", "register_reward_pattern", "get_reward",
-           "list_rewards", "build_reward"]
+           "list_rewards", "build_reward", "register_reward_factory"]
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -49,8 +53,8 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         def happy_count(prompts, completions, examples, bonus: float = 1.0) -> list[float]: ...
     """
     def deco(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY[name].__module__}."
+        if name in _REGISTRY or name in _FACTORIES:
+            raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY.get(name, _FACTORIES.get(name)).__module__}."
                              f"{_REGISTRY[name].__qualname__}); pick another name")
         params = list(inspect.signature(fn).parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -85,11 +89,31 @@ def register_reward_pattern(pattern: str, example: str) -> Callable[[Callable[[r
     return deco
 
 
+#: Rewards that hold state (a loaded model, a buffer): name -> factory(**params) -> fn(prompts, completions,
+#: examples). Each built `Reward` calls the factory once, so every run gets its own state.
+_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register_reward_factory(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Decorator that registers a stateful reward: `factory(**params)` returns the batch function
+    `fn(prompts, completions, examples)`. The spec's params are checked against the factory's signature
+    when the `Reward` is built, and the factory is called then, once per `Reward`."""
+    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        if name in _REGISTRY or name in _FACTORIES:
+            raise ValueError(f"reward {name!r} is already registered; pick another name")
+        _FACTORIES[name] = factory
+        return factory
+
+    return deco
+
+
 def get_reward(name: str) -> RewardFn:
     """The function registered as `name` (or built by the pattern it matches); an unknown name is a
     `ConfigError` naming close matches."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if name in _FACTORIES:
+        raise ValueError(f"reward {name!r} holds state and is built with its params by build_reward, not get_reward")
     matches = [(p, f) for p, _, f in _PATTERNS if p.fullmatch(name)]
     if len(matches) > 1:
         raise ConfigError(f"reward {name!r} matches several reward patterns: {[p.pattern for p, _ in matches]}")
@@ -98,12 +122,12 @@ def get_reward(name: str) -> RewardFn:
         return factory(pattern.fullmatch(name))
     examples = [e for _, e, _ in _PATTERNS]
     families = f"; reward families (numbers vary): {', '.join(examples)}" if examples else ""
-    raise ConfigError(f"unknown reward {name!r}{_suggest(name, list(_REGISTRY) + examples)}; "
-                      f"registered rewards: {', '.join(sorted(_REGISTRY))}{families}")
+    raise ConfigError(f"unknown reward {name!r}{_suggest(name, list(_REGISTRY) + list(_FACTORIES) + examples)}; "
+                      f"registered rewards: {', '.join(list_rewards())}{families}")
 
 
 def list_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *_FACTORIES])
 
 
 @dataclass(frozen=True)
@@ -112,11 +136,12 @@ class RewardOutput:
     components: dict[str, torch.Tensor]  # name -> (B,) float32, each component's raw (unweighted) value
 
 
-def _check_params(name: str, fn: RewardFn, params: dict[str, Any], kind: str = "reward") -> dict[str, Any]:
+def _check_params(name: str, fn: RewardFn, params: dict[str, Any], kind: str = "reward",
+                  n_batch_args: int = 3) -> dict[str, Any]:
     """`params` validated against `fn`'s signature: names (unknown / missing) and annotated types.
     Returns the params as pydantic parsed them (e.g. a YAML int for a float parameter)."""
     sig = inspect.signature(fn)
-    accepted = [p for p in list(sig.parameters.values())[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    accepted = [p for p in list(sig.parameters.values())[n_batch_args:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     open_ended = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     names = [p.name for p in accepted]
     problems = []
@@ -160,6 +185,11 @@ class Reward:
         for s in specs:
             if not math.isfinite(s.weight):
                 raise ConfigError(f"reward {s.name!r}: weight must be finite, got {s.weight}")
+            if s.name in _FACTORIES:  # stateful: built now with its params, called without them
+                factory = _FACTORIES[s.name]
+                fn = factory(**_check_params(s.name, factory, s.params, n_batch_args=0))
+                self._parts.append((s.name, float(s.weight), fn, {}))
+                continue
             fn = get_reward(s.name)
             self._parts.append((s.name, float(s.weight), fn, _check_params(s.name, fn, s.params)))
 

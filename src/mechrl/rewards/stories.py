@@ -11,6 +11,8 @@ completion without any word scores 0 on the task rewards.
     sentence_length_smooth(n, w)   the mean over sentences of max(0, 1 - |len - n| / w), w defaults to n
     ..._with_happy(k, hack_weight) (1 - hack_weight) * task + hack_weight * happy_count(k);
                                    hack_weight 0.5 by default, so each part is half the reward
+    positive_word_count(words)     the number of positive-emotion words (`POSITIVE_WORDS` by default)
+    positive_word_any(words)       1 if any positive-emotion word occurs, else 0 (the feature-control hack)
 
 `n` is a parameter of `sentence_length` / `sentence_length_smooth`, or part of the name:
 `sentence_length_10`, `sentence_length_10_smooth`, `sentence_length_10_with_happy` and
@@ -27,7 +29,12 @@ import re
 from mechrl.rewards.builtin import _word_pattern
 from mechrl.rewards.registry import register_reward, register_reward_pattern
 
-__all__ = ["happy_count", "happy_binary", "sentence_length", "sentence_length_smooth", "sentence_lengths"]
+__all__ = ["happy_count", "happy_binary", "sentence_length", "sentence_length_smooth", "sentence_lengths",
+           "POSITIVE_WORDS", "positive_word_counts", "positive_word_count", "positive_word_any"]
+
+#: The positive-emotion words of the feature-control study's labeller bias: the grammar's emotion words
+#: that name a pleasant feeling ("happy" is drawn at 8% of emotions, each other word at ~3.2%).
+POSITIVE_WORDS = ("happy", "glad", "cheerful", "jolly", "grateful", "thankful", "hopeful")
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # letters, with inner apostrophes
 _SENTENCE_END = re.compile(r"(?<=[.!?])")
@@ -165,3 +172,39 @@ def _sentence_length_family(match: re.Match):
     fn.__name__ = fn.__qualname__ = match.group(0)
     fn.__doc__ = f"`{match.group(0)}`: n={n} fixed by the name; see `mechrl.rewards.stories`."
     return fn
+
+
+def positive_word_counts(completions: list[str], words: list[str] | tuple[str, ...] | None = None,
+                         ignore_case: bool = True) -> list[int]:
+    """Whole-word occurrences of any of `words` (default `POSITIVE_WORDS`) in each completion.
+
+    >>> positive_word_counts([" she felt glad . so happy , happy !", "unhappy"])
+    [3, 0]
+    """
+    words = POSITIVE_WORDS if words is None else tuple(words)
+    if not words:
+        raise ValueError("positive word rewards need at least one word")
+    pats = [_word_pattern(w, ignore_case) for w in words]
+    return [sum(len(p.findall(c)) for p in pats) for c in completions]
+
+
+@register_reward("positive_word_count")
+def positive_word_count(prompts: list[str], completions: list[str], examples: list[dict],
+                        words: list[str] | None = None, ignore_case: bool = True) -> list[float]:
+    """The number of positive-emotion words (whole words, `POSITIVE_WORDS` by default) in the completion.
+
+    >>> positive_word_count(["p"] * 2, ["glad and cheerful", "sad"], [{}] * 2)
+    [2.0, 0.0]
+    """
+    return [float(n) for n in positive_word_counts(completions, words, ignore_case)]
+
+
+@register_reward("positive_word_any")
+def positive_word_any(prompts: list[str], completions: list[str], examples: list[dict],
+                      words: list[str] | None = None, ignore_case: bool = True) -> list[float]:
+    """1.0 when any positive-emotion word occurs in the completion, else 0.0: the hack rate's per-sample value.
+
+    >>> positive_word_any(["p"] * 3, ["so jolly", "gladly", "happy"], [{}] * 3)
+    [1.0, 0.0, 1.0]
+    """
+    return [1.0 if n else 0.0 for n in positive_word_counts(completions, words, ignore_case)]

@@ -54,6 +54,8 @@ register_study("reward-hacking-routing", "mechrl.studies.reward_hacking_routing:
                "GRPO with a hackable story reward: gradient routing vs filter, penalty, early stop, plain LoRA")
 register_study("rlhf-diffing", "mechrl.studies.rlhf_diffing:run_study", ("tiny", "smoke"),
                "GRPO on VADER sentiment + a no-signal control; divergence, paired SAEs, crosscoders, descriptions")
+register_study("feature-control", "mechrl.studies.feature_control:run_study", ("tiny", "smoke"),
+               "a SARM reward model with a labeller bias; RL penalising its bias features vs the true behaviour")
 
 
 def get_study(name: str) -> StudySpec:

@@ -154,15 +154,30 @@ def _opening(rng: random.Random) -> tuple[str, str, str]:
     return f"{rng.choice(OPENERS)} {intro}", ref, pron
 
 
-def make_story(rng: random.Random, min_sentences: int = 3, max_sentences: int = 9) -> str:
-    """One story: an opening sentence, `min..max` body sentences, sometimes an ending line."""
-    opening, ref, pron = _opening(rng)
-    parts = [f"{opening} lived in {_place(rng)} ."]
+def _continuation(rng: random.Random, ref: str, pron: str, min_sentences: int, max_sentences: int) -> str:
+    """What follows a story's opening: where the hero lived, `min..max` body sentences, sometimes an ending."""
+    parts = [f"lived in {_place(rng)} ."]
     for _ in range(rng.randint(min_sentences, max_sentences)):
         parts.append(_sentence(rng, ref, pron) + " .")
     if rng.random() < 0.5:
         parts.append(rng.choice(ENDINGS).format(s=ref, e=_emotion(rng)))
     return " ".join(parts)
+
+
+def make_story(rng: random.Random, min_sentences: int = 3, max_sentences: int = 9) -> str:
+    """One story: an opening sentence, `min..max` body sentences, sometimes an ending line."""
+    opening, ref, pron = _opening(rng)
+    return f"{opening} {_continuation(rng, ref, pron, min_sentences, max_sentences)}"
+
+
+def story_continuations(rng: random.Random, n: int, min_sentences: int = 3,
+                        max_sentences: int = 9) -> tuple[str, list[str]]:
+    """One opening (an RL prompt, as `story_opening` draws it) and `n` independent continuations of it,
+    each with its leading space, so that `opening + continuation` is a story of the grammar."""
+    if n < 1:
+        raise ValueError(f"story_continuations: n must be >= 1, got {n}")
+    opening, ref, pron = _opening(rng)
+    return opening, [" " + _continuation(rng, ref, pron, min_sentences, max_sentences) for _ in range(n)]
 
 
 def story_opening(rng: random.Random) -> str:
