@@ -57,7 +57,7 @@ def test_each_arm_optimises_its_terms_and_logs_the_same_monitors(tmp_path):
     # the text detector: the same total penalty, applied by a detector of the positive words
     rc = arm_config(cfg, "text_detector", 1, tmp_path, SEL)
     assert rc.mitigation.method == "penalty" and rc.mitigation.penalty == 2.0 and rc.seed == 1
-    assert rc.mitigation.detector["params"]["words"] == cfg.data.positive_words
+    assert rc.mitigation.detector.params["words"] == cfg.data.positive_words
     assert arm_config(cfg, "rm_only", 0, tmp_path, SEL).mitigation.detector is None
 
 

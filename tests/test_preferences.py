@@ -88,7 +88,7 @@ def test_ground_truth_hack_and_word_detectors():
     assert truth.hack_counts(texts) == [3, 0, 1]
     assert truth.hack_flags(texts) == [True, False, True]
     assert truth.word_hits(texts) == {"happy": [True, False, False], "glad": [True, False, True]}
-    det = build_detector(DetectorSpec(name="contains_any_word", params={"words": ["glad"]}))
+    det = build_detector(DetectorSpec(name="contains_any_word", params={"words": ["glad"]}), run_seed=0)
     assert det(["p"] * 3, texts, [{}] * 3) == [True, False, True]
     r = build_reward([RewardSpec(name="positive_word_any"), RewardSpec(name="positive_word_count")])
     out = r(["p"] * 3, texts, [{}] * 3)

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mechrl.config import Strict, build_config
-from mechrl.config_loading import _format_errors, _read_yaml, _set_dotted, resolve_recipe
+from mechrl.config_loading import format_errors, read_yaml, set_dotted, resolve_recipe
 from mechrl.control.features import (SelectionConfig, best_of_n, clamp_probe, feature_evidence, logit_lens,
                                      select_features, top_activating)
 from mechrl.control.penalties import build_human_buffer, load_cached
@@ -121,20 +121,20 @@ def load_study_config(recipe: str | Path = "feature-control", preset: str | None
     from pydantic import ValidationError
 
     path = resolve_recipe(recipe)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if preset is not None:
         presets = data.get("presets") or {}
         if preset not in presets:
             raise UserError(f"{path}: unknown preset {preset!r}; presets: {', '.join(presets) or 'none'}")
         for k, v in (presets[preset] or {}).items():
-            _set_dotted(data, k, v)
+            set_dotted(data, k, v)
         data["preset"] = preset
     for k, v in (overrides or {}).items():
-        _set_dotted(data, k, v)
+        set_dotted(data, k, v)
     try:
         return FeatureControlConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(_format_errors(e, FeatureControlConfig, str(path))) from None
+        raise UserError(format_errors(e, FeatureControlConfig, str(path))) from None
 
 
 # ----------------------------------------------------------------------------------------------
