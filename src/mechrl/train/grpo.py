@@ -11,6 +11,9 @@ Each step:
      gradients accumulate over micro-batches, normalised so that the result does not depend on
      the micro-batch size.
 
+Each step's compute is counted in token-passes (`compute.py`: sampling 1 x, each no-grad pass 1 x,
+each update 3 x, a group's rows sharing their prompt's pass) and logged as `compute/step_token_passes`.
+
 The loss matches TRL's GRPOTrainer on the same batch (tests hold it to 1e-5). Under `accelerate
 launch` each of N processes takes prompts_per_step / N whole groups, and the gradients are averaged
 over processes with normalisers chosen so that the update equals one process's on the global batch
@@ -20,7 +23,7 @@ vLLM, sequence-level importance sampling, and the many loss variants TRL carries
 Old log-probs: with one iteration the ratio is exactly 1 (old = current, detached), as in TRL;
 with more, they come from one no-grad forward pass before the first update.
 
-Where later methods plug in (`GRPOHooks`): `on_batch` sees each scored batch and may attach
+Where later methods plug in (`GRPOHooks`): `before_step` runs before sampling; `on_batch` sees each scored batch and may attach
 per-sample labels (e.g. a reward-hacking detector's flags) or change advantages; `logprobs` computes
 the policy's log-probs of a micro-batch and is where per-sample gradient masks enter (e.g.
 gradient routing between two adapters, `routing.py`); `partition` picks the micro-batches (e.g.
@@ -42,6 +45,7 @@ from mechrl.config import GRPORunConfig
 from mechrl.envs import StepResult
 from mechrl.errors import TrainingDiverged
 from mechrl.runs.rundir import RunDir
+from mechrl.train.compute import STEP_KEY, ComputeCounter, pass_tokens
 from mechrl.train.losses import group_advantages, grpo_loss
 from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
 from mechrl.train.rollout import completion_logprobs, encode_prompts, generate
@@ -68,6 +72,11 @@ class GRPOBatch:
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample labels from hooks, (B,)
     examples: list[dict] = field(default_factory=list)  # the environment's example of each sample
     keep: torch.Tensor | None = None  # (B,) bool: the rows the loss uses (None: all); filtering drops rows
+    compute: ComputeCounter = field(default_factory=ComputeCounter)  # this step's token-passes (`compute.py`)
+
+    def pass_tokens(self, rows: slice | torch.Tensor | None = None) -> int:
+        """Real tokens of one pass over `rows` (a group's rows share their prompt's pass)."""
+        return pass_tokens(self.prompt_ids, self.prompt_mask, self.completion_mask, rows)
 
     def loss_rows(self) -> torch.Tensor:
         """Indices (n,) of the rows the policy loss uses, on the CPU."""
@@ -82,6 +91,11 @@ class GRPOBatch:
 
 class GRPOHooks:
     """Extension points; the default does nothing special."""
+
+    def before_step(self, st: RLState, step: int) -> None:
+        """Called at the start of each step, before sampling (e.g. to switch an adapter off from
+        some step on). A resumed run calls it again for its first step, so state set here must
+        follow from `step` alone."""
 
     def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
         """Called after scoring, before any forward pass. May set `batch.labels` or change
@@ -110,9 +124,11 @@ class GRPOHooks:
 
 @torch.no_grad()
 def _logprobs_no_grad(model, batch: GRPOBatch, temperature: float, size: int | None) -> torch.Tensor:
-    parts = [completion_logprobs(model, batch.prompt_ids[mb], batch.prompt_mask[mb], batch.completion_ids[mb],
-                                 batch.completion_mask[mb], temperature=temperature)
-             for mb in micro_batches(batch.prompt_ids.size(0), size)]
+    parts = []
+    for mb in micro_batches(batch.prompt_ids.size(0), size):
+        parts.append(completion_logprobs(model, batch.prompt_ids[mb], batch.prompt_mask[mb], batch.completion_ids[mb],
+                                         batch.completion_mask[mb], temperature=temperature))
+        batch.compute.forward(batch.pass_tokens(mb))
     return torch.cat(parts, 0)
 
 
@@ -132,9 +148,11 @@ def rollout(st: RLState, timer: Timer) -> GRPOBatch:
         result = st.env.step(group_items, roll.texts)
     rewards = result.rewards.total.to(st.device, torch.float32)  # (B,)
     advantages, _ = group_advantages(rewards, G, t.scale_rewards)
-    return GRPOBatch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask, rewards,
-                     advantages, roll.texts, prompts, result, roll.logprobs,
-                     examples=[it.example for it in group_items])
+    batch = GRPOBatch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask, rewards,
+                      advantages, roll.texts, prompts, result, roll.logprobs,
+                      examples=[it.example for it in group_items])
+    batch.compute.forward(batch.pass_tokens())  # sampling: each distinct prompt prefilled once
+    return batch
 
 
 def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
@@ -184,6 +202,7 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
                                f"{(seen != want).nonzero().flatten().tolist()[:10]}")
         for mb in parts:
             logp = hooks.logprobs(st, batch, mb)  # (b, T)
+            batch.compute.train(batch.pass_tokens(mb))
             old = logp.detach() if batch.old_logp is None else batch.old_logp[mb]
             ref = None if batch.ref_logp is None else batch.ref_logp[mb]
             loss, m = grpo_loss(logp, old, batch.advantages[mb], mask[mb], loss_type=t.loss_type,
@@ -235,6 +254,7 @@ def grpo_step(st: RLState, hooks: GRPOHooks, timer: Timer) -> tuple[dict[str, fl
         "policy/entropy": -d.sum((batch.sampler_logp * mask).sum()) / n_tokens.clamp(min=1),
         "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
         "completions/min_length": lengths.min(), "completions/clipped_frac": 1.0 - ended.mean(),
+        STEP_KEY: d.sum(batch.compute.total),
     }
     for name, v in batch.result.rewards.components.items():
         v = d.gather(v.float().to(st.device))
@@ -273,6 +293,7 @@ def _samples(step: int, batch: GRPOBatch, n: int) -> list[dict]:
 
 def _step(hooks: GRPOHooks):
     def step_fn(st: RLState, timer: Timer, step: int):
+        hooks.before_step(st, step)
         metrics, batch = grpo_step(st, hooks, timer)
         metrics.update(hooks.after_step(st, step, batch))
         return metrics, _samples(step, batch, st.cfg.train.n_samples), int(batch.completion_mask.sum())
