@@ -160,3 +160,28 @@ def test_sft_counts_three_passes_per_real_token_and_checkpoints_at_marks(tmp_pat
     assert json.loads((run.eval_dir / "step-4.json").read_text())["compute"]["token_passes"] == 4 * per_step
     assert json.loads((run.path / "status.json").read_text())["token_passes"] == 4 * per_step
     load_pretrained(final)  # the final checkpoint is a plain model
+
+
+def test_ppo_counts_sampling_old_values_reference_and_epochs(tmp_path, monkeypatch):
+    """kl_coef > 0, 2 epochs: 1 (sampling) + 1 (old log-probs and values) + 1 (reference) + 2 x 3
+    (updates) passes; PPO's forward runs every row's prompt in full."""
+    from mechrl.train import ppo
+
+    seen = []
+    original = ppo.rollout
+
+    def rollout(st, timer):
+        batch = original(st, timer)
+        seen.append((batch.prompt_ids.clone(), batch.prompt_mask.clone(), batch.completion_mask.clone()))
+        return batch
+
+    monkeypatch.setattr(ppo, "rollout", rollout)
+    tiny = [o for o in TINY if not o.startswith("train.num_generations")]
+    cfg, name = load_config("cards-ppo", [f"out_dir={tmp_path}", *tiny, "train.max_steps=2", "train.ppo_epochs=2",
+                                          "train.kl_coef=0.05", "train.num_minibatches=2"], kind="ppo")
+    run = RunDir.start(cfg, name)
+    ppo.run_ppo(cfg, run)
+    metrics = [r for r in read_jsonl(run.metrics_path) if "compute/step_token_passes" in r]
+    expected = [_hand_pass(p, pm, cm) + 8 * int(pm.sum() + cm.sum()) for p, pm, cm in seen]
+    assert [r["compute/step_token_passes"] for r in metrics] == expected
+    assert metrics[-1]["compute/token_passes"] == sum(expected)
