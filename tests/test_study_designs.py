@@ -5,6 +5,7 @@ under partial labels (coverage curves, variants against the penalty, the verdict
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,17 @@ def test_coverage_jobs_and_configs(tmp_path):
     assert late.routing.ablate_forget_from == 76
     front = cov.run_config("routed", "coverage", 0, tmp_path, coverage=0.5, extra=c["frontloaded_labels"][1])
     assert front.routing.detector.full_coverage_steps == 25 and front.routing.detector.coverage == 0.5
+
+
+def test_recipe_presets_name_the_study_conditions():
+    """`mechrl grpo reward-hacking-routing preset=<condition>` is the study's run of that condition (seed
+    aside): the recipe's presets equal the study's overrides at coverage 0.5 for its 100 steps."""
+    from mechrl.config import load_config
+
+    for name, (_, overrides) in cov.conditions(100).items():
+        cfg, _ = load_config("reward-hacking-routing", [f"preset={name}"], kind="grpo")
+        study = cov.run_config("routed", "coverage", 0, Path("runs"), coverage=0.5, extra=overrides)
+        assert cfg.routing.model_dump() == study.routing.model_copy(
+            update={"eval_every": cfg.routing.eval_every, "eval_n": cfg.routing.eval_n}).model_dump(), name
+    half, _ = load_config("reward-hacking-routing", ["preset=half_coverage"], kind="grpo")
+    assert half.routing.detector.coverage == 0.5

@@ -253,6 +253,23 @@ def answer_lines(summary: dict) -> list[str]:
     return lines
 
 
+def inside_differences(res: dict) -> dict:
+    """From `analyze`'s result, what the summary keeps beside its headline: each checkpoint's SAE feature
+    classes per OOD split (ID-specific, OOD-stable, ...) and its probes' scores on every distribution
+    at the layer and position that are best on ID test."""
+    out: dict = {"sae_feature_classes": {}, "probe_scores_at_best_id_layer": {}}
+    for name, r in res["checkpoints"].items():
+        if "sae" in r:
+            out["sae_feature_classes"][name] = r["sae"]["feature_classes"]
+        if "probes" in r:
+            best = res["headline"][name]["best_probe"]
+            out["probe_scores_at_best_id_layer"][name] = {
+                label: {rec["distribution"]: rec["value"] for rec in pr["records"]
+                        if rec["layer"] == best[label]["layer"] and rec["position"] == best[label]["position"]}
+                for label, pr in r["probes"]["labels"].items()}
+    return out
+
+
 def _signed(d: dict) -> str:
     mark = "" if d["lo"] <= 0 <= d["hi"] else "*"
     return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{mark}"
@@ -351,7 +368,8 @@ def run_matched(out: Path, *, preset: str, seeds: int | None = None, force: bool
         log.info("sft-vs-rl (%s): analysing the final checkpoints of seed 0 and the start", preset)
         res = analyze(ckpts, task, out=out, preset=p.analysis)
         summary["analysis"] = {"preset": p.analysis, "dir": str(out / "analysis"), "what": res["what"],
-                               "checkpoints": {k: str(v) for k, v in ckpts.items()}, **res["headline"]}
+                               "checkpoints": {k: str(v) for k, v in ckpts.items()}, **res["headline"],
+                               **inside_differences(res)}
         sections = res["sections"]
         timings["analysis"] = time.perf_counter() - t1
     else:
