@@ -89,6 +89,8 @@ def test_matched_configs_budgets_and_bounds(tmp_path):
     rows = g.train.prompts_per_step * g.train.num_generations
     assert g.train.max_steps * 4 * rows >= p.budgets[-1]  # each step costs at least 4 passes per row
     assert svr.grpo_arm_config(p, tmp_path, 0, tmp_path / "c", start.task, ood=False).env.ood_fraction == 0
+    hi = svr.grpo_arm_config(p, tmp_path, 0, tmp_path / "c", start.task, ood=False, lr=p.sft["train.lr"])
+    assert hi.train.lr == p.sft["train.lr"] != g.train.lr
     assert set(svr.PRESETS) == {"smoke", "full"} and svr.PRESETS["full"].seeds == 3
 
 

@@ -6,6 +6,8 @@ one SFT checkpoint, does more SFT or RL move the OOD splits, at the same trainin
     grpo      GRPO on fresh ID prompts (reward: the answer is correct), from the start
     grpo_ood  GRPO with a share of prompts from OOD shifts (`env.ood_fraction`): it SEES those shifts,
               so on them it is not a test of generalisation (the summary lists them under `sees`)
+    grpo_sftlr  GRPO on ID prompts at the SFT continuation's learning rate: whether the comparison
+              depends on RL's learning rate (the recipe's is 4x lower)
 
 Compute is counted in token-passes (`mechrl.train.compute`: a token forward = 1, backward = 2, RL's
 sampling and no-grad passes included). Each arm is ONE run per seed that checkpoints at the first
@@ -47,11 +49,12 @@ log = logging.getLogger(__name__)
 
 ARMS: dict[str, str] = {
     "sft": "more SFT on the ID training data",
-    "grpo": "GRPO on fresh ID prompts (reward: correct answer)",
+    "grpo": "GRPO on fresh ID prompts (reward: correct answer), the cards-grpo recipe's learning rate",
     "grpo_ood": "GRPO with a share of prompts from OOD shifts (sees them)",
+    "grpo_sftlr": "GRPO on fresh ID prompts at the SFT continuation's learning rate (a sensitivity arm)",
 }
 #: Differences between arms reported with intervals: (a, b) means a - b.
-PAIRS = (("grpo", "sft"), ("grpo_ood", "sft"), ("grpo_ood", "grpo"))
+PAIRS = (("grpo", "sft"), ("grpo_ood", "sft"), ("grpo_ood", "grpo"), ("grpo_sftlr", "sft"), ("grpo_sftlr", "grpo"))
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ def sft_arm_config(p: MatchedPreset, out: Path, seed: int, start: Path, task, pa
     return cfg.model_copy(update={"task": task})
 
 
-def grpo_arm_config(p: MatchedPreset, out: Path, seed: int, start: Path, task, ood: bool) -> GRPORunConfig:
+def grpo_arm_config(p: MatchedPreset, out: Path, seed: int, start: Path, task, ood: bool,
+                    lr: float | None = None) -> GRPORunConfig:
     """GRPO from the start, stopping at the last budget. max_steps is only a bound: each step costs at
     least 4 token-passes per sequence (one sampled token, forward and backward), so the budget is
     always reached first."""
@@ -134,6 +138,8 @@ def grpo_arm_config(p: MatchedPreset, out: Path, seed: int, start: Path, task, o
                "train.checkpoint_at_compute": list(p.budgets), "train.max_token_passes": p.budgets[-1]})
     if ood:
         ov.update({"env.ood_fraction": p.ood_fraction, "env.ood_splits": list(p.ood_splits)})
+    if lr is not None:
+        ov["train.lr"] = lr
     cfg, _ = load_config("cards-grpo", ov, kind="grpo")
     return cfg.model_copy(update={"task": task})
 
@@ -321,7 +327,8 @@ def run_matched(out: Path, *, preset: str, seeds: int | None = None, force: bool
         if arm == "sft":
             cfg = sft_arm_config(p, out, seed, start_final, task_cfg, passes_per_step)
         else:
-            cfg = grpo_arm_config(p, out, seed, start_final, task_cfg, ood=arm == "grpo_ood")
+            cfg = grpo_arm_config(p, out, seed, start_final, task_cfg, ood=arm == "grpo_ood",
+                                  lr=p.sft["train.lr"] if arm == "grpo_sftlr" else None)
         log.info("sft-vs-rl (%s): run %d/%d, %s seed %d", preset, i, len(jobs), arm, seed)
         t1 = time.perf_counter()
         run, final = _train(cfg, f"{arm}_s{seed}", force)

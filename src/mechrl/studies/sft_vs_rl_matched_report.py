@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mechrl.runs.report import Figure, Section, Table, build_report
 
-ARM_STYLE = {"sft": ("C0", "o"), "grpo": ("C3", "s"), "grpo_ood": ("C2", "^")}
+ARM_STYLE = {"sft": ("C0", "o"), "grpo": ("C3", "s"), "grpo_ood": ("C2", "^"), "grpo_sftlr": ("C1", "D")}
 
 
 def _ci(d: dict) -> str:
