@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name", help="; ".join(f"{s.name}: {s.description} (presets: {', '.join(s.presets)})"
                                            for s in STUDIES.values()))
     st.add_argument("--preset", help="the study's size (default: its first preset)")
-    st.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    st.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the preset's, 1 unless it says)")
     st.add_argument("--out", help="output directory (default: runs/study-<name>-<preset>)")
     st.add_argument("--force", action="store_true", help="start over instead of resuming")
     st.set_defaults(fn=cmd_study)

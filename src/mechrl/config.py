@@ -266,6 +266,12 @@ class ModelConfig(Strict):
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
 
+def _check_compute_marks(v: list[float]) -> list[float]:
+    if any(x <= 0 for x in v):
+        raise ValueError(f"checkpoint_at_compute: every mark must be > 0 token-passes, got {v}")
+    return sorted(v)
+
+
 class SFTConfig(Strict):
     """Supervised fine-tuning with TRL's SFTTrainer; loss on completion (answer) tokens only."""
 
@@ -284,6 +290,15 @@ class SFTConfig(Strict):
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(500, ge=1)
     """Checkpoint and evaluate every split every this many steps (and at the end)."""
+    checkpoint_at_compute: list[float] = []
+    """Also checkpoint and evaluate at the first step whose running `compute/token_passes` (3 x the
+    non-padding tokens trained on; `mechrl.train.compute`) reaches each of these: the budgets of a
+    matched-compute comparison."""
+
+    @field_validator("checkpoint_at_compute")
+    @classmethod
+    def _positive_marks(cls, v: list[float]) -> list[float]:
+        return _check_compute_marks(v)
 
 
 class EvalConfig(Strict):
@@ -430,6 +445,26 @@ class RLCommon(Strict):
     """AdamW's implementation (`torch.optim.AdamW`'s `foreach` / `fused`): `auto` is fused on CUDA and
     PyTorch's default elsewhere (a loop over the parameters on CPU). All give the same update up to
     float rounding (a test holds them to 1e-6)."""
+    checkpoint_at_compute: list[float] = []
+    """Also checkpoint and evaluate at the first step whose running `compute/token_passes`
+    (`mechrl.train.compute`: sampling, no-grad passes and updates) reaches each of these: the
+    budgets of a matched-compute comparison."""
+    max_token_passes: float | None = Field(None, gt=0)
+    """Stop at the first step whose running `compute/token_passes` reaches this (the run's final
+    checkpoint is there, evaluated); None: run `max_steps` steps."""
+
+    @field_validator("checkpoint_at_compute")
+    @classmethod
+    def _positive_marks(cls, v: list[float]) -> list[float]:
+        return _check_compute_marks(v)
+
+    @model_validator(mode="after")
+    def _marks_reachable(self) -> "RLCommon":
+        late = [m for m in self.checkpoint_at_compute if self.max_token_passes is not None and m > self.max_token_passes]
+        if late:
+            raise ValueError(f"checkpoint_at_compute {late} lie past max_token_passes={self.max_token_passes:g}: "
+                             "the run stops before reaching them")
+        return self
 
 
 class GRPOConfig(RLCommon):
@@ -511,6 +546,10 @@ class DetectorSpec(Strict):
     """P(any label is flipped), applied after coverage."""
     seed: int | None = None
     """Seed of the coverage and noise draws; None: the run's seed (so a seed sweep draws fresh labels)."""
+    full_coverage_steps: int = Field(0, ge=0)
+    """Frontloaded labels: during the first this many steps every detected sample is reported (coverage
+    1, no noise), then `coverage` and `label_noise` apply (the coverage and noise draws are made
+    throughout, so the labels after the frontloaded steps are those of a run without them)."""
 
 
 class RoutingConfig(Strict):
@@ -542,11 +581,31 @@ class RoutingConfig(Strict):
     """Completions sampled per adapter mode in the routing evaluation."""
     eval_seed: int = 0
     """Seed of the evaluation's own sampling generator (it never touches the training streams)."""
+    start_step: int = Field(1, ge=1)
+    """Routing applies from this step on. Before it (a warm-up) the detector still labels and logs,
+    but every sample updates both adapters as in unrouted training (no masks, the group baseline)."""
+    good_label_fraction: float = Field(0.0, ge=0, le=1)
+    """Known-good labels: this share of the samples the detector itself calls clean (before coverage
+    and noise) is reported as verified good, drawn each step from a generator seeded by the run's
+    seed and the step. Their update runs with the forget adapter switched off and reaches only the
+    retain adapter (the routing authors' "dispersed labelled-good" training). 0: none."""
+    ablate_forget_from: int | None = Field(None, ge=1)
+    """From this step on the forget adapter is switched off (scale 0) for sampling and updates: the
+    retain adapter trains alone, as it will be deployed, and flagged samples, which could update only
+    the forget adapter, are dropped from the loss (and from their group's advantage statistics).
+    None: never."""
 
     @field_validator("eval_rewards", mode="before")
     @classmethod
     def _names(cls, v):
         return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _phases(self) -> "RoutingConfig":
+        if self.ablate_forget_from is not None and self.ablate_forget_from <= self.start_step:
+            raise ValueError(f"routing.ablate_forget_from ({self.ablate_forget_from}) must come after "
+                             f"routing.start_step ({self.start_step})")
+        return self
 
 
 

@@ -93,6 +93,20 @@ def flat_metrics(result: dict, prefix: str = "eval") -> dict[str, float]:
     return out
 
 
+def outcome_strings(samples: list[dict]) -> dict[str, str]:
+    """{split: "0110..."}: each evaluated example's correctness, in the split's order (the first n
+    examples of the split), so that intervals and paired comparisons can be computed from an
+    evaluation file alone.
+
+    >>> outcome_strings([{"split": "test", "correct": True}, {"split": "test", "correct": False}])
+    {'test': '10'}
+    """
+    out: dict[str, list[str]] = defaultdict(list)
+    for s in samples:
+        out[s["split"]].append("1" if s["correct"] else "0")
+    return {split: "".join(v) for split, v in out.items()}
+
+
 def pick_samples(samples: list[dict], per_split: int, step: int) -> list[dict]:
     """The first `per_split` samples of each split, as samples.jsonl records of `step`."""
     seen: dict[str, int] = {}

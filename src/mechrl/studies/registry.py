@@ -4,6 +4,8 @@ A study function takes the output folder and the run options and returns its sum
 
     fn(out: Path, *, preset: str, seeds: int, force: bool) -> dict
 
+`seeds` is the user's `--seeds`, or the preset's default (`default_seeds`, else 1) when not given.
+
 It writes `<out>/summary.json` (the returned dict) and `<out>/report.html`, resumes whatever is
 unfinished when called again with the same arguments (`force` starts over), and raises `UserError`
 for a preset it does not have. Studies are registered here by module path, imported only when run,
@@ -31,6 +33,7 @@ class StudySpec:
     target: str  # "module:function"
     presets: tuple[str, ...]
     description: str
+    default_seeds: tuple[tuple[str, int], ...] = ()  # (preset, seeds) where a preset wants more than 1
 
     def load(self) -> Callable[..., dict]:
         module, fn = self.target.split(":")
@@ -40,18 +43,26 @@ class StudySpec:
 STUDIES: dict[str, StudySpec] = {}
 
 
-def register_study(name: str, target: str, presets: tuple[str, ...], description: str) -> None:
+def register_study(name: str, target: str, presets: tuple[str, ...], description: str,
+                   default_seeds: dict[str, int] | None = None) -> None:
     if name in STUDIES:
         raise ValueError(f"study {name!r} is already registered ({STUDIES[name].target})")
     if not presets:
         raise ValueError(f"study {name!r}: at least one preset is needed")
-    STUDIES[name] = StudySpec(name, target, tuple(presets), description)
+    unknown = set(default_seeds or {}) - set(presets)
+    if unknown:
+        raise ValueError(f"study {name!r}: default_seeds names presets it does not have: {sorted(unknown)}")
+    STUDIES[name] = StudySpec(name, target, tuple(presets), description, tuple((default_seeds or {}).items()))
 
 
-register_study("sft-vs-rl", "mechrl.studies.sft_vs_rl:run_study", ("tiny", "smoke"),
-               "SFT then GRPO on the card game; every split evaluated; probes, patching, ablation, SAEs")
-register_study("reward-hacking-routing", "mechrl.studies.reward_hacking_routing:run_study", ("tiny", "smoke"),
-               "GRPO with a hackable story reward: gradient routing vs filter, penalty, early stop, plain LoRA")
+register_study("sft-vs-rl", "mechrl.studies.sft_vs_rl:run_study", ("tiny", "smoke", "full"),
+               "tiny: SFT then GRPO (the demo); smoke/full: from one SFT checkpoint, more SFT vs GRPO vs GRPO "
+               "seeing OOD at matched compute; probes, patching, ablation, SAEs", default_seeds={"full": 3})
+register_study("reward-hacking-routing", "mechrl.studies.reward_hacking_routing:run_study",
+               ("tiny", "smoke", "coverage", "coverage-smoke"),
+               "GRPO with a hackable story reward: gradient routing vs filter, penalty, early stop, plain LoRA; "
+               "coverage: hack vs detector coverage per method, and routing variants (absorption) at coverage 0.5",
+               default_seeds={"coverage": 3})
 register_study("rlhf-diffing", "mechrl.studies.rlhf_diffing:run_study", ("tiny", "smoke"),
                "GRPO on VADER sentiment + a no-signal control; divergence, paired SAEs, crosscoders, descriptions")
 register_study("feature-control", "mechrl.studies.feature_control:run_study", ("tiny", "smoke"),
@@ -68,13 +79,16 @@ def get_study(name: str) -> StudySpec:
     return STUDIES[name]
 
 
-def run_study(name: str, out: str | Path | None = None, *, preset: str | None = None, seeds: int = 1,
+def run_study(name: str, out: str | Path | None = None, *, preset: str | None = None, seeds: int | None = None,
               force: bool = False) -> dict:
-    """Run study `name` (see the module docstring); `out` defaults to `runs/study-<name>-<preset>`."""
+    """Run study `name` (see the module docstring); `out` defaults to `runs/study-<name>-<preset>`,
+    `seeds` to the preset's default."""
     spec = get_study(name)
     preset = preset or spec.presets[0]
     if preset not in spec.presets:
         raise UserError(f"study {name}: unknown preset {preset!r}; presets: {', '.join(spec.presets)}")
+    if seeds is None:
+        seeds = dict(spec.default_seeds).get(preset, 1)
     if seeds < 1:
         raise UserError(f"study {name}: --seeds must be >= 1, got {seeds}")
     out = Path(out) if out is not None else Path("runs") / f"study-{name}-{preset}"

@@ -18,6 +18,8 @@ both adapters, retain only (the forget adapter removed: the deployed model) and 
 
     mechrl study reward-hacking-routing --preset smoke            # seconds
     mechrl study reward-hacking-routing --preset tiny --seeds 2   # the recipe's 100 steps per arm
+    mechrl study reward-hacking-routing --preset coverage         # hack vs detector coverage per method,
+                                                                  # and routed variants at coverage 0.5
 
 Writes `<out>/runs/<arm>_s<seed>/` (ordinary run directories: a killed study resumes each run where
 it stopped), `<out>/summary.json` and `<out>/report.html`.
@@ -83,9 +85,13 @@ def evaluate_arm(cfg: GRPORunConfig, final: Path) -> dict:
 
 
 def run_study(out: Path, *, preset: str = "tiny", seeds: int = 1, force: bool = False) -> dict:
-    """Every arm at `preset` for seeds 0..seeds-1, each evaluated; summary.json and report.html."""
+    """Every arm at `preset` for seeds 0..seeds-1, each evaluated; summary.json and report.html.
+    Presets `coverage` and `coverage-smoke` run the partial-label design (`reward_hacking_coverage`)."""
+    from mechrl.studies.reward_hacking_coverage import SIZES as COVERAGE, run_coverage
     from mechrl.train.runners import train
 
+    if preset in COVERAGE:
+        return run_coverage(Path(out), preset=preset, seeds=seeds, force=force)
     if preset not in SIZES:
         raise UserError(f"reward-hacking-routing: unknown preset {preset!r}; presets: {', '.join(SIZES)}")
     t0 = time.perf_counter()

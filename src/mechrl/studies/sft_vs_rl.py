@@ -78,9 +78,15 @@ def run_demo(out: Path, preset: str = "tiny", force: bool = False, analysis: boo
 
 
 def run_study(out: Path, *, preset: str = "tiny", seeds: int = 1, force: bool = False) -> dict:
-    """`mechrl study sft-vs-rl`: the demo at `preset`, once per seed (0..seeds-1). One seed writes
-    into `out` itself (as `mechrl demo`); several write `out/seed-K/` each, and `out/summary.json`
-    holds every seed's summary and, per phase and split, the accuracy's mean, min and max over seeds."""
+    """`mechrl study sft-vs-rl`. Presets `smoke` and `full` run the matched-compute design
+    (`sft_vs_rl_matched`: one SFT start, more SFT vs GRPO vs GRPO seeing OOD, at compute budgets).
+    Preset `tiny` is the demo, once per seed (0..seeds-1): one seed writes into `out` itself (as
+    `mechrl demo`); several write `out/seed-K/` each, and `out/summary.json` holds every seed's summary
+    and, per phase and split, the accuracy's mean, min and max over seeds."""
+    from mechrl.studies.sft_vs_rl_matched import PRESETS as MATCHED, run_matched
+
+    if preset in MATCHED:
+        return run_matched(Path(out), preset=preset, seeds=seeds, force=force)
     out = Path(out)
     if seeds == 1:
         return run_demo(out, preset=preset, force=force, seed=0)

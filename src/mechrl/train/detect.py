@@ -15,6 +15,10 @@ measurement only), and their rates are logged under `<prefix>/`:
 The detector's coverage and noise draws are seeded by its `seed`, or by the run's seed when that is
 unset (the default). Its random state is kept in the run's checkpointed extras,
 so a resumed run reports exactly the labels an uninterrupted one would.
+
+Frontloaded labels (`DetectorSpec.full_coverage_steps`): during the first steps every detected
+sample is reported; the degraded labels are still drawn (and discarded) then, so from the step
+after on the labels are exactly those of a run without frontloading.
 """
 
 from __future__ import annotations
@@ -36,9 +40,14 @@ class DetectorHooks(GRPOHooks):
 
     def __init__(self, detector: dict, *, run_seed: int, single_process_reason: str):
         # an unset detector seed is the run's: each seed of a sweep draws its own coverage and noise
-        self.detector = build_detector(DetectorSpec.model_validate(detector), run_seed=run_seed)
+        self.spec = DetectorSpec.model_validate(detector)
+        self.detector = build_detector(self.spec, run_seed=run_seed)
         self._single = single_process_reason
         self._restored = False
+        self.step: int | None = None  # the current step (set by before_step)
+
+    def before_step(self, st: RLState, step: int) -> None:
+        self.step = step
 
     def label(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
         """Set batch.labels["flagged"] and ["hack"] (bool, (B,)); returns the label metrics."""
@@ -50,9 +59,14 @@ class DetectorHooks(GRPOHooks):
             if saved is not None:
                 self.detector.load_state_dict(saved)
             self._restored = True
+        if self.spec.full_coverage_steps and self.step is None:
+            raise RuntimeError(f"{type(self).__name__}.label: frontloaded labels need the step, and before_step "
+                               "was not called")
         lab = self.detector.labels(batch.prompts, batch.texts, batch.examples)
         st.extra[_STATE_KEY] = self.detector.state_dict()
-        flagged = torch.tensor(lab.reported, dtype=torch.bool, device=st.device)  # (B,)
+        frontloaded = self.step is not None and self.step <= self.spec.full_coverage_steps
+        reported = lab.raw if frontloaded else lab.reported  # frontloaded: every detected sample reported
+        flagged = torch.tensor(reported, dtype=torch.bool, device=st.device)  # (B,)
         hack = torch.tensor(lab.raw, dtype=torch.bool, device=st.device)  # (B,) unnoised detector
         batch.labels["flagged"], batch.labels["hack"] = flagged, hack
         f, h = flagged.float(), hack.float()
@@ -64,6 +78,8 @@ class DetectorHooks(GRPOHooks):
             out[f"{p}/flag_recall"] = (f * h).sum().item() / h.sum().item()
         if f.sum() > 0:
             out[f"{p}/flag_precision"] = (f * h).sum().item() / f.sum().item()
+        if self.spec.full_coverage_steps:
+            out[f"{p}/frontloaded"] = float(frontloaded)
         return out
 
     def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:

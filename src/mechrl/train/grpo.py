@@ -11,6 +11,9 @@ Each step:
      gradients accumulate over micro-batches, normalised so that the result does not depend on
      the micro-batch size.
 
+Each step's compute is counted in token-passes (`compute.py`: sampling 1 x, each no-grad pass 1 x,
+each update 3 x, a group's rows sharing their prompt's pass) and logged as `compute/step_token_passes`.
+
 The loss matches TRL's GRPOTrainer on the same batch (tests hold it to 1e-5). Under `accelerate
 launch` each of N processes takes prompts_per_step / N whole groups, and the gradients are averaged
 over processes with normalisers chosen so that the update equals one process's on the global batch
@@ -25,7 +28,7 @@ defaults leave the step as it was.
 Old log-probs: with one iteration the ratio is exactly 1 (old = current, detached), as in TRL;
 with more, they come from one no-grad forward pass before the first update.
 
-Where later methods plug in (`GRPOHooks`): `on_batch` sees each scored batch and may attach
+Where later methods plug in (`GRPOHooks`): `before_step` runs before sampling; `on_batch` sees each scored batch and may attach
 per-sample labels (e.g. a reward-hacking detector's flags) or change advantages; `logprobs` computes
 the policy's log-probs of a micro-batch and is where per-sample gradient masks enter (e.g.
 gradient routing between two adapters, `routing.py`); `partition` picks the micro-batches (e.g.
@@ -50,6 +53,7 @@ from mechrl.runs.rundir import RunDir
 from mechrl.models.loading import resolve_device
 from mechrl.train.decode_graph import DecodeStats
 from mechrl.train.fast_update import autocast, check_dtype, compiled_logprobs
+from mechrl.train.compute import STEP_KEY, ComputeCounter, pass_tokens
 from mechrl.train.losses import group_advantages, grpo_loss
 from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
 from mechrl.train.rollout import completion_logprobs, encode_prompts, generate
@@ -77,6 +81,11 @@ class GRPOBatch:
     examples: list[dict] = field(default_factory=list)  # the environment's example of each sample
     keep: torch.Tensor | None = None  # (B,) bool: the rows the loss uses (None: all); filtering drops rows
     decode: DecodeStats | None = None  # how the sampler's decode steps ran (graph replays, capture time)
+    compute: ComputeCounter = field(default_factory=ComputeCounter)  # this step's token-passes (`compute.py`)
+
+    def pass_tokens(self, rows: slice | torch.Tensor | None = None) -> int:
+        """Real tokens of one pass over `rows` (a group's rows share their prompt's pass)."""
+        return pass_tokens(self.prompt_ids, self.prompt_mask, self.completion_mask, rows)
 
     def loss_rows(self) -> torch.Tensor:
         """Indices (n,) of the rows the policy loss uses, on the CPU."""
@@ -91,6 +100,11 @@ class GRPOBatch:
 
 class GRPOHooks:
     """Extension points; the default does nothing special."""
+
+    def before_step(self, st: RLState, step: int) -> None:
+        """Called at the start of each step, before sampling (e.g. to switch an adapter off from
+        some step on). A resumed run calls it again for its first step, so state set here must
+        follow from `step` alone."""
 
     def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
         """Called after scoring, before any forward pass. May set `batch.labels` or change
@@ -126,11 +140,13 @@ def _logprob_head(st: RLState):
 @torch.no_grad()
 def _logprobs_no_grad(st: RLState, model, batch: GRPOBatch, size: int | None) -> torch.Tensor:
     t = st.cfg.train
+    parts = []
     with autocast(t.dtype, st.device):
-        parts = [completion_logprobs(model, batch.prompt_ids[mb], batch.prompt_mask[mb], batch.completion_ids[mb],
-                                     batch.completion_mask[mb], temperature=t.temperature,
-                                     logprob_fn=_logprob_head(st))
-                 for mb in micro_batches(batch.prompt_ids.size(0), size)]
+        for mb in micro_batches(batch.prompt_ids.size(0), size):
+            parts.append(completion_logprobs(model, batch.prompt_ids[mb], batch.prompt_mask[mb], batch.completion_ids[mb],
+                                             batch.completion_mask[mb], temperature=t.temperature,
+                                             logprob_fn=_logprob_head(st)))
+            batch.compute.forward(batch.pass_tokens(mb))
     return torch.cat(parts, 0)
 
 
@@ -152,9 +168,11 @@ def rollout(st: RLState, timer: Timer) -> GRPOBatch:
         result = st.env.step(group_items, roll.texts)
     rewards = result.rewards.total.to(st.device, torch.float32)  # (B,)
     advantages, _ = group_advantages(rewards, G, t.scale_rewards)
-    return GRPOBatch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask, rewards,
-                     advantages, roll.texts, prompts, result, roll.logprobs,
-                     examples=[it.example for it in group_items], decode=roll.decode)
+    batch = GRPOBatch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask, rewards,
+                      advantages, roll.texts, prompts, result, roll.logprobs,
+                      examples=[it.example for it in group_items], decode=roll.decode)
+    batch.compute.forward(batch.pass_tokens())  # sampling: each distinct prompt prefilled once
+    return batch
 
 
 def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
@@ -205,6 +223,7 @@ def policy_update(st: RLState, batch: GRPOBatch, hooks: GRPOHooks,
         for mb in parts:
             with autocast(t.dtype, st.device):  # forward only; the loss and backward stay outside
                 logp = hooks.logprobs(st, batch, mb)  # (b, T), float32
+            batch.compute.train(batch.pass_tokens(mb))
             old = logp.detach() if batch.old_logp is None else batch.old_logp[mb]
             ref = None if batch.ref_logp is None else batch.ref_logp[mb]
             loss, m = grpo_loss(logp, old, batch.advantages[mb], mask[mb], loss_type=t.loss_type,
@@ -256,6 +275,7 @@ def grpo_step(st: RLState, hooks: GRPOHooks, timer: Timer) -> tuple[dict[str, fl
         "policy/entropy": -d.sum((batch.sampler_logp * mask).sum()) / n_tokens.clamp(min=1),
         "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
         "completions/min_length": lengths.min(), "completions/clipped_frac": 1.0 - ended.mean(),
+        STEP_KEY: d.sum(batch.compute.total),
     }
     for name, v in batch.result.rewards.components.items():
         v = d.gather(v.float().to(st.device))
@@ -294,6 +314,7 @@ def _samples(step: int, batch: GRPOBatch, n: int) -> list[dict]:
 
 def _step(hooks: GRPOHooks):
     def step_fn(st: RLState, timer: Timer, step: int):
+        hooks.before_step(st, step)
         metrics, batch = grpo_step(st, hooks, timer)
         metrics.update(hooks.after_step(st, step, batch))
         return metrics, _samples(step, batch, st.cfg.train.n_samples), int(batch.completion_mask.sum())

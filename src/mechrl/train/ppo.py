@@ -36,6 +36,7 @@ from mechrl.errors import TrainingDiverged
 from mechrl.runs.rundir import RunDir
 from mechrl.train.losses import entropy_from_logits, gae, masked_whiten, ppo_policy_loss, ppo_value_loss
 from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
+from mechrl.train.compute import STEP_KEY, ComputeCounter, pass_tokens
 from mechrl.train.rollout import generate
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,18 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
     batch = rollout(st, timer)
     B = batch.scores.numel()
     mask = batch.completion_mask.float()  # (B, T)
+    compute = ComputeCounter()  # token-passes of this step (`compute.py`); `forward` runs every row in full
+
+    def rows_tokens(rows) -> int:
+        return pass_tokens(batch.prompt_ids, batch.prompt_mask, batch.completion_mask, rows, share_prompts=False)
+
+    compute.forward(pass_tokens(batch.prompt_ids, batch.prompt_mask, batch.completion_mask))  # sampling
 
     with timer("update"):
         # ALGO LOGIC: old log-probs and values, reference log-probs (no grad, fixed for the step)
         with torch.no_grad():
             parts = [forward(st, batch, mb, temperature=t.temperature) for mb in micro_batches(B, t.micro_batch_size)]
+            compute.forward(rows_tokens(None))
             old_logp = torch.cat([p[0] for p in parts])  # (B, T)
             old_values = torch.cat([p[1] for p in parts])  # (B, T)
             if t.kl_coef > 0:
@@ -124,6 +132,7 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
                     ref_logp = torch.cat([forward(st, batch, mb, temperature=t.temperature, model=st.ref_model,
                                                   with_values=False)[0]
                                           for mb in micro_batches(B, t.micro_batch_size)])
+                compute.forward(rows_tokens(None))
             else:
                 ref_logp = old_logp
             # per-token rewards: KL penalty everywhere, the score at the last real token
@@ -152,6 +161,7 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
                     rows = idx[sub]
                     sub_batch = _select(batch, rows)
                     logp, values, entropy = forward(st, sub_batch, slice(None), temperature=t.temperature)
+                    compute.train(rows_tokens(rows))
                     m = mask[rows]
                     pg_loss, pg_m = ppo_policy_loss(logp, old_logp[rows], advantages[rows], m, t.clip_range,
                                                     total_tokens=mb_tokens)
@@ -190,6 +200,7 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
         "value/mean": d.sum((old_values * mask).sum()) / n_tok, "value/returns_mean": d.sum((returns * mask).sum()) / n_tok,
         "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
         "completions/min_length": lengths.min(),
+        STEP_KEY: d.sum(compute.total),
     }
     metrics.update({(f"value/{k}" if k.startswith("value") else f"policy/{k}"): d.mean(v / n_updates)
                     for k, v in agg.items()})

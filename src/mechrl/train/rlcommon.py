@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mechrl.config import EarlyStopConfig, RLRunConfig
 from mechrl.envs import EnvItem, TextEnv, build_env
 from mechrl.errors import TrainingDiverged, UserError
-from mechrl.evaluate import evaluate, flat_metrics, pick_samples
+from mechrl.evaluate import evaluate, flat_metrics, outcome_strings, pick_samples
 from mechrl.models.adapters import add_lora, frozen_copy, trainable_parameters
 from mechrl.models.dual_lora import dual_lora_modules
 from mechrl.models.loading import load_model, load_pretrained
@@ -34,6 +34,7 @@ from mechrl.runs.rundir import RunDir
 from mechrl.tasks import build_task
 from mechrl.tasks.base import Task
 from mechrl.train.checkpoint import clear_partial, load_checkpoint, save_checkpoint
+from mechrl.train.compute import STEP_KEY, TOTAL_KEY, crossed
 from mechrl.train.distributed import Dist, env_world_size, sampling_seed
 from mechrl.train.fast_update import build_adamw
 
@@ -197,6 +198,8 @@ def evaluate_and_log(st: RLState, step: int, *, final: bool) -> dict | None:
     result = evaluate(st.policy, st.tokenizer, st.task, n=n, batch_size=cfg.eval.batch_size,
                       max_new_tokens=cfg.eval.max_new_tokens, progress=False)
     result["step"] = step
+    result["compute"] = {"token_passes": st.extra.get(COMPUTE_EXTRA, 0.0)}
+    result["correct"] = outcome_strings(result["samples"])
     st.run.log_metrics(step, flat_metrics(result))
     st.run.log_samples(pick_samples(result["samples"], cfg.eval.n_samples, step))
     st.run.write_eval(step, {k: v for k, v in result.items() if k != "samples"})
@@ -244,7 +247,11 @@ class Timer:
         return _Phase()
 
 
+#: Key of the running compute total in the checkpointed extras (`compute/token_passes`).
+COMPUTE_EXTRA = "token_passes"
+
 #: One step of an RL algorithm: (state, timer, step) -> (metrics, sample records, generated tokens).
+#: The metrics must hold the step's token-passes (`compute.STEP_KEY`); the loop adds the running total.
 StepFn = Callable[[RLState, Timer, int], tuple[dict[str, float], list[dict], int]]
 
 
@@ -309,24 +316,40 @@ def _run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_r
         log.info("already finished: %s", final_path)
         return final_path
     stopper = EarlyStopper(t.early_stop, st.extra) if t.early_stop is not None else None
+    if st.start_step > 0 and COMPUTE_EXTRA not in st.extra:
+        raise UserError(f"{run.path}: its last checkpoint (step {st.start_step}) has no running compute total "
+                        f"({TOTAL_KEY}; written by mechrl since compute accounting); resuming would restart the "
+                        "count at 0. Use --force to start over")
     if main:
         run.set_status("running", kind=kind)
         log.info("%s %s: %s (%d processes)", kind.upper(), run.path.name, t.model_dump_json(), st.dist.world)
         if st.start_step == 0:
             evaluate_and_log(st, 0, final=False)  # the starting point, for comparison
     timer = Timer()
-    for step in tqdm(range(st.start_step + 1, t.max_steps + 1), desc=kind, initial=st.start_step,
-                     total=t.max_steps, disable=not main):
+    bar = tqdm(range(st.start_step + 1, t.max_steps + 1), desc=kind, initial=st.start_step, total=t.max_steps,
+               disable=not main, dynamic_ncols=True)
+    for step in bar:
         timer.totals.clear()
         # metrics come back reduced over ranks; samples are this rank's; n_tokens its own count
         metrics, samples, n_tokens = step_fn(st, timer, step)
         n_tokens = int(st.dist.sum(n_tokens).item())
+        if STEP_KEY not in metrics:
+            raise RuntimeError(f"{kind} step {step}: the step function reported no {STEP_KEY!r} (its token-passes, "
+                               "mechrl.train.compute); every RL loop counts its compute")
+        before = st.extra.get(COMPUTE_EXTRA, 0.0)
+        st.extra[COMPUTE_EXTRA] = after = before + float(metrics[STEP_KEY])  # saved with checkpoints
+        metrics[TOTAL_KEY] = after
+        marks = crossed(before, after, t.checkpoint_at_compute)  # budgets first reached at this step
+        if t.max_token_passes is not None:  # a run stopped by compute: its progress is compute, not steps
+            bar.set_postfix(compute=f"{after / t.max_token_passes:.1%}", refresh=False)
         step_s = sum(timer.totals.values())  # this rank's; ranks meet at every gradient all-reduce
         metrics.update({f"time/{k}_s": v for k, v in timer.totals.items()})
         metrics["time/step_s"] = step_s
         metrics["throughput/tokens_per_s"] = n_tokens / max(step_s, 1e-9)
         st.extra["train_time_s"] = st.extra.get("train_time_s", 0.0) + step_s  # saved with checkpoints
         stop = stopper.check(step, metrics) if stopper is not None else None
+        if stop is None and t.max_token_passes is not None and after >= t.max_token_passes:
+            stop = {"step": step, "metric": TOTAL_KEY, "value": after, "max_token_passes": t.max_token_passes}
         if stop is not None:
             st.extra["stopped_early"] = stop  # saved with this step's checkpoint: a rerun stays stopped
         final = step == t.max_steps or stop is not None
@@ -335,14 +358,20 @@ def _run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_r
         if main and step % t.sample_every == 0 and t.n_samples:
             run.log_samples(samples[:t.n_samples])
         # evaluate before checkpointing: a kill between the two redoes the step's evaluation
-        if main and (step % t.eval_every == 0 or final):
+        if main and (step % t.eval_every == 0 or final or marks):
             evaluate_and_log(st, step, final=final)
-        if step % t.save_every == 0 or step % t.eval_every == 0 or final:
+        if step % t.save_every == 0 or step % t.eval_every == 0 or final or marks:
             checkpoint(st, step)  # collective: the other ranks wait here for rank 0's evaluation
+        if marks:
+            log.info("step %d: %s %.4g reached %s; checkpointed and evaluated", step, TOTAL_KEY, after, marks)
         if stop is not None:
-            log.warning("early stop at step %d: the %d-step mean of %s is %.4g (%s %g)", step, stop["window"],
-                        stop["metric"], stop["moving_average"], "above" if stop["above"] is not None else "below",
-                        stop["above"] if stop["above"] is not None else stop["below"])
+            if "max_token_passes" in stop:
+                log.info("compute budget reached at step %d: %s %.4g >= %g", step, TOTAL_KEY, after,
+                         t.max_token_passes)
+            else:
+                log.warning("early stop at step %d: the %d-step mean of %s is %.4g (%s %g)", step, stop["window"],
+                            stop["metric"], stop["moving_average"], "above" if stop["above"] is not None else "below",
+                            stop["above"] if stop["above"] is not None else stop["below"])
             break
     last = st.extra["stopped_early"]["step"] if "stopped_early" in st.extra else t.max_steps
     final_path = run.checkpoint_path(last)
@@ -353,4 +382,4 @@ def _run_rl(cfg: RLRunConfig, run: RunDir, kind: str, step_fn: StepFn, *, need_r
 
 def _finish(st: RLState, kind: str, final_path: Path) -> None:
     st.run.finish(kind, final_checkpoint=str(final_path), train_time_s=st.extra.get("train_time_s", 0.0),
-                  stopped_early=st.extra.get("stopped_early"))
+                  stopped_early=st.extra.get("stopped_early"), token_passes=st.extra.get(COMPUTE_EXTRA, 0.0))

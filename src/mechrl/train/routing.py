@@ -8,6 +8,13 @@ detector flags the samples it takes for reward hacking (with optional coverage a
   classic    forget only              retain and forget
   exclusive  forget only              retain only
 
+Phases (`routing.start_step`, `routing.ablate_forget_from`): before `start_step` (a warm-up) the
+labels are logged but not used, and every sample updates both adapters; from `ablate_forget_from`
+on the forget adapter is switched off for sampling and updates, the retain adapter trains alone and
+flagged samples are dropped from the loss. `routing/phase` logs which: 0 warm-up, 1 routed, 2 forget
+ablated. Known-good labels (`routing.good_label_fraction`): a share of the truly clean samples is
+trained with the forget adapter off, updating the retain adapter alone.
+
 Masks need homogeneous micro-batches: `RoutingHooks.partition` splits the batch into flagged and
 unflagged index sets (each cut to `train.micro_batch_size`), and `RoutingHooks.logprobs` runs each
 with the blocked adapter's parameters detached (`dual_lora.block_gradients`: forward values are
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +45,7 @@ import yaml
 from mechrl.config import GRPORunConfig, RewardSpec, RoutingConfig, build_config
 from mechrl.errors import UserError
 from mechrl.models.dual_lora import (add_dual_lora, block_gradients, dual_lora_modules, load_dual_lora,
-                                     scales)
+                                     scales, set_scales)
 from mechrl.rewards.registry import Reward, build_reward
 from mechrl.runs.rundir import RunDir, atomic_write_json
 from mechrl.tasks import build_task
@@ -50,6 +58,8 @@ from mechrl.train.rollout import encode_prompts, generate
 
 log = logging.getLogger(__name__)
 
+#: Routing phases (`routing/phase`): a warm-up without routing, routed training, forget adapter ablated.
+PHASE_WARMUP, PHASE_ROUTED, PHASE_ABLATED = 0, 1, 2
 #: Adapter modes of the evaluation: name -> (retain scale, forget scale).
 MODES: dict[str, tuple[float, float]] = {"both": (1.0, 1.0), "retain_only": (1.0, 0.0), "forget_only": (0.0, 1.0)}
 #: Degeneracy thresholds: mean pairwise Jaccard above this, or unique fraction below that.
@@ -74,40 +84,87 @@ class RoutingHooks(DetectorHooks):
         self.cfg = cfg
         self.routing: RoutingConfig = r
         self.eval_rewards = eval_reward_components(cfg)
+        self.phase = PHASE_ROUTED
+
+    # -- phases --------------------------------------------------------------------------------------
+    def before_step(self, st: RLState, step: int) -> None:
+        """Set this step's phase; from `ablate_forget_from` on, the forget adapter is off (scale 0)."""
+        super().before_step(st, step)
+        r = self.routing
+        if r.ablate_forget_from is not None and step >= r.ablate_forget_from:
+            self.phase = PHASE_ABLATED
+            set_scales(st.policy, retain=1.0, forget=0.0)
+        else:
+            self.phase = PHASE_WARMUP if step < r.start_step else PHASE_ROUTED
+            set_scales(st.policy, retain=1.0, forget=1.0)
 
     # -- labels ------------------------------------------------------------------------------------
     def on_batch(self, st: RLState, batch: GRPOBatch) -> dict[str, float]:
         _check_policy(st.policy)
         metrics = self.label(st, batch)
-        if self.routing.unflagged_baseline:
-            t = self.cfg.train
-            unflagged = ~batch.labels["flagged"]
+        metrics["routing/phase"] = float(self.phase)
+        t = self.cfg.train
+        if self.phase == PHASE_WARMUP:  # labels logged, not used: unrouted training
+            batch.labels["flagged"] = torch.zeros_like(batch.labels["flagged"])
+            return metrics
+        unflagged = ~batch.labels["flagged"]
+        if self.routing.good_label_fraction > 0:
+            batch.labels["good"] = self.good_labels(batch)
+            metrics["routing/good_frac"] = batch.labels["good"].float().mean().item()
+        if self.phase == PHASE_ABLATED:  # flagged samples could only update the switched-off adapter
+            batch.keep = unflagged
+            batch.advantages = kept_group_advantages(batch.rewards, unflagged, t.num_generations, t.scale_rewards)
+            metrics["routing/kept_frac"] = unflagged.float().mean().item()
+        elif self.routing.unflagged_baseline:
             own = kept_group_advantages(batch.rewards, unflagged, t.num_generations, t.scale_rewards)  # (B,)
             batch.advantages = torch.where(unflagged, own, batch.advantages)
         return metrics
 
+    def good_labels(self, batch: GRPOBatch) -> torch.Tensor:
+        """(B,) bool: each sample the detector calls clean (raw) and that is not reported flagged is
+        labelled known-good with probability `good_label_fraction`, from a generator seeded by the run's
+        seed and the step (so a resumed run draws the same labels)."""
+        if self.step is None:
+            raise RuntimeError("routing: known-good labels are drawn per step, and before_step was not called")
+        rng = random.Random(f"mechrl-good-labels-{self.cfg.seed}-{self.step}")
+        draws = torch.tensor([rng.random() for _ in range(batch.rewards.numel())], device=batch.rewards.device)
+        clean = ~batch.labels["hack"] & ~batch.labels["flagged"]
+        return clean & (draws < self.routing.good_label_fraction)
+
     # -- micro-batches and masks -----------------------------------------------------------------
     def partition(self, st: RLState, batch: GRPOBatch, size: int | None) -> list[torch.Tensor]:
-        """Index tensors covering the batch once, each all-flagged or all-unflagged (unflagged first),
-        at most `size` long."""
+        """Index tensors covering the loss rows once, each of one kind (unflagged, known-good, flagged,
+        in that order), at most `size` long. With the forget adapter ablated only the unflagged rows
+        remain."""
         flagged = batch.labels["flagged"]
+        good = batch.labels.get("good", torch.zeros_like(flagged))
+        groups = [(~flagged & ~good).nonzero().flatten(), good.nonzero().flatten()]
+        if self.phase != PHASE_ABLATED:
+            groups.append(flagged.nonzero().flatten())
         out = []
-        for idx in ((~flagged).nonzero().flatten(), flagged.nonzero().flatten()):
+        for idx in groups:
             out += [idx[s] for s in micro_batches(idx.numel(), size)] if idx.numel() else []
-        assert sum(i.numel() for i in out) == flagged.numel(), "partition does not cover the batch"
+        assert sum(i.numel() for i in out) == batch.loss_rows().numel(), "partition does not cover the loss rows"
         return out
 
     def blocked(self, flagged: bool) -> tuple[bool, bool]:
         """(retain blocked, forget blocked) for a micro-batch of flagged or unflagged samples."""
+        if self.phase == PHASE_WARMUP:
+            return False, False
         if flagged:
             return True, False
         return False, self.routing.mode == "exclusive"
 
     def logprobs(self, st: RLState, batch: GRPOBatch, mb) -> torch.Tensor:
         flags = batch.labels["flagged"][mb]
-        if flags.numel() == 0 or bool(flags.any()) != bool(flags.all()):
-            raise RuntimeError(f"routing: micro-batch of {flags.numel()} samples mixes flagged and unflagged "
-                               f"({int(flags.sum())} flagged); masks need homogeneous micro-batches")
+        good = batch.labels.get("good", torch.zeros_like(batch.labels["flagged"]))[mb]
+        for name, f in (("flagged", flags), ("known-good", good)):
+            if f.numel() == 0 or bool(f.any()) != bool(f.all()):
+                raise RuntimeError(f"routing: micro-batch of {f.numel()} samples mixes {name} and other samples "
+                                   f"({int(f.sum())} {name}); masks need homogeneous micro-batches")
+        if bool(good[0]):  # known-good: the retain adapter alone, as deployed
+            with scales(st.policy, retain=1.0, forget=0.0):
+                return super().logprobs(st, batch, mb)
         retain, forget = self.blocked(bool(flags[0]))
         with block_gradients(st.policy, retain=retain, forget=forget):
             return super().logprobs(st, batch, mb)

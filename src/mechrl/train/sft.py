@@ -38,10 +38,11 @@ from trl import SFTTrainer
 
 from mechrl.config import SFTRunConfig, config_to_yaml
 from mechrl.errors import TrainingDiverged
-from mechrl.evaluate import evaluate, flat_metrics, pick_samples
+from mechrl.evaluate import evaluate, flat_metrics, outcome_strings, pick_samples
 from mechrl.models.loading import CheckpointError, load_model, load_pretrained
 from mechrl.runs.rundir import CHECKPOINT_TASK_FILE, RunDir, atomic_write_json, atomic_write_text
 from mechrl.tasks import build_task
+from mechrl.train.compute import TOTAL_KEY, crossed, sft_token_passes
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,13 @@ class _RunCallback(TrainerCallback):
         self.train_time = float((progress or {}).get("train_time_s", 0.0))  # s training (evaluation excluded)
         self._t_last = None
         self.bar = None
+        self._passes = None  # running token-passes at the last step end (set when training begins)
 
     def on_step_begin(self, args, state, control, **kw):
         self._t_last = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kw):
+        self._passes = sft_token_passes(state.num_input_tokens_seen)  # restored from the checkpoint on resume
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="sft", dynamic_ncols=True)
 
@@ -87,6 +90,13 @@ class _RunCallback(TrainerCallback):
             self.train_time += time.perf_counter() - self._t_last
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+        # the trainer has counted this step's tokens; a compute mark first reached now saves (and so evaluates) here
+        passes = sft_token_passes(state.num_input_tokens_seen)
+        marks = crossed(self._passes, passes, self.cfg.train.checkpoint_at_compute)
+        if marks:
+            control.should_save = True
+            log.info("step %d: %s %d reached %s; checkpointing", state.global_step, TOTAL_KEY, passes, marks)
+        self._passes = passes
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
@@ -108,6 +118,7 @@ class _RunCallback(TrainerCallback):
         logs["num_tokens"] = logs.pop("num_input_tokens_seen", state.num_input_tokens_seen)
         metrics = {f"train/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
         metrics["train/time_s"] = self.train_time
+        metrics[TOTAL_KEY] = sft_token_passes(state.num_input_tokens_seen)
         self.run.log_metrics(state.global_step, metrics)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
@@ -126,6 +137,7 @@ class _RunCallback(TrainerCallback):
             raise RuntimeError(f"SFTTrainer reported a save at step {step} but {src} does not exist")
         # mechrl's part of the checkpoint goes in before the rename: a step-N is always complete
         atomic_write_json(src / PROGRESS_FILE, {"step": step, "train_time_s": self.train_time,
+                                                "token_passes": sft_token_passes(state.num_input_tokens_seen),
                                                 "num_tokens": state.num_input_tokens_seen})
         atomic_write_text(src / CHECKPOINT_TASK_FILE, config_to_yaml(self.cfg.task))
         dst = self.run.checkpoint_path(step)
@@ -136,15 +148,18 @@ class _RunCallback(TrainerCallback):
             # the live model may be sharded (FSDP) and its forward then needs every process: evaluate
             # the saved checkpoint instead, which also checks that it loads
             model, _ = load_pretrained(dst, dtype=self.cfg.model.dtype, device=str(args.device))
-        self.evaluate(model, step, dst, final=step >= state.max_steps)
+        self.evaluate(model, step, dst, final=step >= state.max_steps, num_tokens=state.num_input_tokens_seen)
 
-    def evaluate(self, model, step: int, checkpoint: Path, *, final: bool) -> None:
+    def evaluate(self, model, step: int, checkpoint: Path, *, final: bool, num_tokens: int) -> None:
         """Evaluate every split; metrics and samples are logged before eval/step-N.json is written, so
-        the file marks a complete evaluation (a resumed run redoes one without it)."""
+        the file marks a complete evaluation (a resumed run redoes one without it). The file carries
+        the checkpoint's running compute and each example's correctness."""
         n = self.cfg.eval.n_final if final else self.cfg.eval.n_per_split
         result = evaluate(model, self.tok, self.task, n=n, batch_size=self.cfg.eval.batch_size,
                           max_new_tokens=self.cfg.eval.max_new_tokens, progress=False)
         result["step"], result["checkpoint"] = step, str(checkpoint)
+        result["compute"] = {"token_passes": sft_token_passes(num_tokens), "num_tokens": int(num_tokens)}
+        result["correct"] = outcome_strings(result["samples"])
         self.run.log_metrics(step, flat_metrics(result))
         self.run.log_samples(pick_samples(result["samples"], self.cfg.eval.n_samples, step))
         self.run.write_eval(step, {k: v for k, v in result.items() if k != "samples"})
@@ -263,7 +278,7 @@ def _run_sft(cfg: SFTRunConfig, run: RunDir, main: bool, *, model, tokenizer, ta
     if unevaluated is not None and main:
         step, path = unevaluated
         ckpt_model, _ = load_pretrained(path, dtype=cfg.model.dtype, device=str(device))
-        callback.evaluate(ckpt_model, step, path, final=step >= max_steps)
+        callback.evaluate(ckpt_model, step, path, final=step >= max_steps, num_tokens=progress["num_tokens"])
         del ckpt_model
     _wait_for_everyone()
     if latest is None or latest[0] < max_steps:
@@ -292,4 +307,6 @@ def _read_progress(path: Path) -> dict:
 
 
 def _final_status(final: Path) -> dict:
-    return {"final_checkpoint": str(final), "train_time_s": _read_progress(final)["train_time_s"]}
+    progress = _read_progress(final)
+    return {"final_checkpoint": str(final), "train_time_s": progress["train_time_s"],
+            "token_passes": sft_token_passes(progress["num_tokens"])}
