@@ -319,6 +319,34 @@ def test_moved_run_resumes(tmp_path):
     check_complete(run_b, 6)
 
 
+def test_config_from_before_an_option_existed_resumes_and_a_changed_value_is_refused(tmp_path, caplog):
+    """A run written by an older mechrl lacks options added since: it resumes with their defaults (named
+    in a warning) and its config.yaml is brought up to date; a stored value that differs is still refused."""
+    import yaml
+    from mechrl.config import ConfigError
+    cfg, name = _grpo(tmp_path)
+    run = RunDir.start(cfg, name)
+    run.close()
+    stored = yaml.safe_load(run.config_path.read_text())
+    del stored["train"]["decode"], stored["train"]["adamw"]  # as written before these options existed
+    run.config_path.write_text(yaml.safe_dump(stored))
+    with caplog.at_level("WARNING", logger="mechrl.runs.rundir"):
+        RunDir.start(cfg, name).close()
+    assert "train.decode, train.adamw" in caplog.text and "'auto'" in caplog.text
+    assert yaml.safe_load(run.config_path.read_text())["train"]["decode"] == "auto"  # brought up to date
+    stored = yaml.safe_load(run.config_path.read_text())
+    del stored["train"]["decode"]
+    stored["train"]["lr"] = 123.0  # a real difference next to a missing option
+    run.config_path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match=r"train\.lr: 123\.0"):
+        RunDir.start(cfg, name)
+    stored["train"]["lr"] = cfg.train.lr
+    stored["train"]["decode_mode"] = "x"  # a key this version does not know
+    run.config_path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match="decode_mode"):
+        RunDir.start(cfg, name)
+
+
 def test_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:

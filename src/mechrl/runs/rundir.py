@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import yaml
+from pydantic import ValidationError
 
 from mechrl.config import ConfigError, RunConfig, config_to_yaml
 from mechrl.errors import UserError
@@ -331,12 +332,17 @@ class RunDir:
                 new = yaml.safe_load(text)
                 old_out = old.pop("out_dir", None)
                 new.pop("out_dir", None)
+                filled = False
+                if old != new:
+                    old = _with_new_defaults(old, new, type(cfg), run.config_path)
+                    filled = old == new
                 if old != new:
                     diffs = _diff_keys(old, new)
                     raise ConfigError(f"{path} exists with a different config ({', '.join(diffs[:5])}); "
                                       "use another name, seed or out_dir, or --force to start over")
                 if old_out != cfg.out_dir:
                     log.info("%s was moved (its config said out_dir %s); recording the new place", path, old_out)
+                if old_out != cfg.out_dir or filled:
                     atomic_write_text(run.config_path, text)
             else:
                 atomic_write_text(run.config_path, text)
@@ -466,6 +472,43 @@ class RunDir:
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
         return handler
+
+
+def _missing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys present in `new` and absent from `old` (nested mappings followed)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return []
+    out = []
+    for k, v in new.items():
+        out += [f"{prefix}{k}"] if k not in old else _missing_keys(old[k], v, f"{prefix}{k}.")
+    return out
+
+
+def _with_new_defaults(old: dict, new: dict, cls: type, where: Path) -> dict:
+    """A stored config written before some options existed, read by this version: the options it
+    lacks take their defaults. Returned as `new` is laid out when that makes the two equal (the same
+    run, logged with the options filled in); else `old` unchanged, so the caller names the real
+    differences. Only absent keys are filled: a key the stored config holds is never reinterpreted."""
+    missing = _missing_keys(old, new)
+    if not missing:
+        return old
+    try:
+        upgraded = yaml.safe_load(config_to_yaml(cls.model_validate(old)))
+    except ValidationError:  # a key this version no longer knows, or a changed type: the caller names it
+        return old
+    upgraded.pop("out_dir", None)
+    if upgraded != new:
+        return old
+    log.warning("%s was written before %s existed; resuming with %s at %s", where, ", ".join(missing),
+                "its default" if len(missing) == 1 else "their defaults",
+                ", ".join(f"{k}={_get(new, k)!r}" for k in missing))
+    return upgraded
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
