@@ -355,12 +355,12 @@ def arm_config(cfg: FeatureControlConfig, arm: str, seed: int, out: Path, sel: d
 
 
 def run_arm(cfg: FeatureControlConfig, arm: str, seed: int, out: Path, sel: dict, force: bool) -> Path:
-    from mechrl.train.grpo import run_grpo
+    from mechrl.train.runners import train
 
     rc = arm_config(cfg, arm, seed, out, sel)
     run = RunDir.start(rc, f"{arm}_s{seed}", force=force)
     t0 = time.perf_counter()
-    final = run_grpo(rc, run)
+    final = train(rc, run)  # the text-detector arm runs the mitigated loop
     log.info("arm %s seed %d: %s (%.0f s)", arm, seed, final, time.perf_counter() - t0)
     return run.path
 
