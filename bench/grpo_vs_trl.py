@@ -157,6 +157,9 @@ def time_interleaved(model_dir: Path, tok, prompts: list[str], args, device: str
         use_cpu=device == "cpu", bf16=args.dtype == "bf16", fp16=False, report_to="none", save_strategy="no",
         logging_steps=1,
         disable_tqdm=True, seed=0, dataloader_num_workers=0, shuffle_dataset=False,
+        # TRL's default recomputes every forward in the backward (activation checkpointing); mechrl does
+        # not, so the same work is timed only with it off
+        activation_checkpointing=False,
     )
     timer = StepTimer()
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=bench_reward, args=targs, train_dataset=data,
@@ -227,6 +230,7 @@ def main() -> None:
                    "parameters": n_params, "dtype": args.dtype,
                    "prompts": args.prompts, "generations": args.generations, "new_tokens": args.new_tokens,
                    "lr": args.lr, "beta": args.beta, "loss_type": "grpo", "warmup_steps": args.warmup,
+                   "trl_activation_checkpointing": False,
                    "timed_steps": args.steps, "torch_threads": torch.get_num_threads(),
                    "mechrl_train": {"decode": args.decode, "adamw": args.adamw,
                                     "compile_logprobs": args.compile_logprobs},

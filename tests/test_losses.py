@@ -43,6 +43,7 @@ def _trl_trainer(tmp_path, loss_type: str, beta: float, accumulation: int, kl_co
     # saved and passed by path: with beta > 0 TRL loads its reference model from the same path
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "init")
     args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
+                          activation_checkpointing=False,
                           per_device_train_batch_size=N_PROMPTS * G // accumulation,
                           gradient_accumulation_steps=accumulation, num_generations=G,
                           max_completion_length=MAX_COMPLETION_LENGTH, loss_type=loss_type, beta=beta,

@@ -38,6 +38,7 @@ def _trainer(tmp_path, arch: str):
             p.add_(0.3 * torch.randn_like(p))
     model.save_pretrained(tmp_path / "init")
     args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
+                          activation_checkpointing=False,
                           per_device_train_batch_size=3, num_generations=3, max_completion_length=T)
     trainer = trl.GRPOTrainer(model=str(tmp_path / "init"), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                               args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok)

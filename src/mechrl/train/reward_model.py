@@ -190,6 +190,7 @@ def train_reward_model(base: str | Path, pairs: Sequence, out_dir: str | Path, c
         max_length=None, center_rewards_coefficient=cfg.center_rewards_coefficient, seed=cfg.seed,
         data_seed=cfg.seed, logging_steps=cfg.log_every, save_strategy="no", report_to="none",
         use_cpu=device == "cpu", bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
+        activation_checkpointing=False,  # TRL's default recomputes every forward: no memory worth it here
     )
     losses = _loss_log()
     t0 = time.perf_counter()
