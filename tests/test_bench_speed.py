@@ -41,7 +41,7 @@ def test_shapes_are_the_issues_models():
         big = AutoModelForCausalLM.from_config(LlamaConfig(**common.SHAPES["qwen05b"]))
         tiny = AutoModelForCausalLM.from_config(LlamaConfig(**common.SHAPES["tiny"]))
     assert sum(p.numel() for p in big.parameters()) == 361_540_480  # "361M"
-    assert sum(p.numel() for p in tiny.parameters()) == 1_574_016  # the 1.57M of bench/results/grpo_vs_trl.json
+    assert sum(p.numel() for p in tiny.parameters()) == 1_574_016  # the 1.57M of bench/results/grpo_vs_trl_cpu_run1.json
     attn = big.model.layers[0].self_attn
     assert (big.config.num_attention_heads, big.config.num_key_value_heads, attn.head_dim) == (14, 2, 64)
 
