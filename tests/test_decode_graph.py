@@ -260,3 +260,14 @@ def test_static_mode_never_replays_a_graph(tok):
     runner.t.zero_()  # (a spent runner; only the dispatch is checked here)
     with pytest.raises(AssertionError, match="replayed"):
         runner.decode(model, 8, replay=True)
+
+
+def test_a_bare_cuda_device_is_the_same_as_its_current_index():
+    """A generator made with device="cuda" reports `cuda`; the model's parameters report `cuda:0`. They
+    are one device: comparing them as unequal kept every decode step from being captured on a GPU."""
+    from mechrl.train.decode_graph import same_device
+
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert not same_device(torch.device("cpu"), torch.device("cuda:0"))

@@ -93,10 +93,10 @@ def test_graph_replay_equals_the_eager_step(family, tok):
 def test_generate_on_cuda_uses_the_graph_and_returns_copies(tok):
     model = zoo.build("llama", tok).to(CUDA)
     g = torch.Generator(device=CUDA).manual_seed(0)
-    first = generate(model, tok, PROMPTS * 4, max_new_tokens=10, generator=g)
+    first = generate(model, tok, PROMPTS * 4, max_new_tokens=10, generator=g, decode="graph")
     assert first.decode.mode == "graph" and first.decode.fallback is None
     kept = first.completion_ids.clone(), first.logprobs.clone()
-    second = generate(model, tok, PROMPTS[::-1] * 4, max_new_tokens=10, generator=g)  # same shape: a replay
+    second = generate(model, tok, PROMPTS[::-1] * 4, max_new_tokens=10, generator=g, decode="graph")  # a replay
     assert not second.decode.captured and decode_totals(model)["captures"] == 1
     assert torch.equal(first.completion_ids, kept[0]) and torch.equal(first.logprobs, kept[1])
 
@@ -173,16 +173,20 @@ def test_host_syncs_only_at_the_end_checks(tok, monkeypatch):
     assert reads["loop"] == ["aten._local_scalar_dense"] * expected and reads["step"] == []
 
 
-def test_model_that_cannot_be_captured_falls_back_with_one_log_line(tok, caplog):
+def test_auto_runs_the_host_loop_on_cuda_and_graph_names_what_blocks_a_capture(tok, caplog):
+    """decode=auto runs the host loop on CUDA for now (`AUTO_ON_CUDA`, one info line per model); decode=graph
+    on a model that cannot be captured raises, naming why."""
+    from mechrl.train.decode_graph import AUTO_ON_CUDA
+
     model = zoo.build("mistral_sliding", tok).to(CUDA)
     g = torch.Generator(device=CUDA)
-    with caplog.at_level(logging.WARNING, logger="mechrl.train.decode_graph"):
+    with caplog.at_level(logging.INFO, logger="mechrl.train.decode_graph"):
         a = generate(model, tok, PROMPTS, max_new_tokens=8, generator=g.manual_seed(0))
         b = generate(model, tok, PROMPTS, max_new_tokens=8, generator=g.manual_seed(0), decode="eager")
         generate(model, tok, PROMPTS, max_new_tokens=8, generator=g.manual_seed(0))
     lines = [r for r in caplog.records if "not captured" in r.getMessage()]
-    assert len(lines) == 1 and "sliding windows" in lines[0].getMessage()
-    assert a.decode.mode == "eager" and "sliding" in a.decode.fallback
+    assert len(lines) == 1 and "opt-in" in lines[0].getMessage()
+    assert a.decode.mode == "eager" and a.decode.fallback == AUTO_ON_CUDA
     assert torch.equal(a.completion_ids, b.completion_ids)
     with pytest.raises(DecodeGraphError, match="sliding windows"):
         generate(model, tok, PROMPTS, max_new_tokens=8, decode="graph")
@@ -192,7 +196,7 @@ def test_model_that_cannot_be_captured_falls_back_with_one_log_line(tok, caplog)
 def test_grpo_step_on_cuda(tmp_path, dtype):
     """A GRPO step with the graph sampler, in fp32 and in bf16 autocast: master weights and optimiser
     state stay float32, log-probs are float32, every trainable parameter moves."""
-    cfg, name = _cfg(tmp_path, f"train.dtype={dtype}", "model.device=cuda")
+    cfg, name = _cfg(tmp_path, f"train.dtype={dtype}", "model.device=cuda", "train.decode=graph")
     st = setup_rl(cfg, RunDir.start(cfg, name), need_ref=False)
     before = {n: p.detach().clone() for n, p in st.policy.named_parameters() if p.requires_grad}
     batch = rollout(st, Timer())

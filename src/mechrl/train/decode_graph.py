@@ -325,10 +325,23 @@ def capture_blocked(model: PreTrainedModel, generator: torch.Generator | None = 
     device = next(model.parameters()).device
     if device.type != "cuda":
         return f"the model is on {device.type}, and CUDA graphs need CUDA"
-    if generator is not None and generator.device != device:
+    if generator is not None and not same_device(generator.device, device):
         return f"the generator is on {generator.device}, the model on {device}"
     r = _REGISTRY.get(model)
     return step_blocker(model) or (r.failed if r is not None else None)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: `cuda` (a generator's device) and `cuda:0` (a parameter's) are the
+    same device when 0 is the current one; a bare type means its current index."""
+    a, b = torch.device(a), torch.device(b)
+
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
+
+    return a.type == b.type and index(a) == index(b)
 
 
 def step_blocker(model: PreTrainedModel) -> str | None:
@@ -345,6 +358,11 @@ def step_blocker(model: PreTrainedModel) -> str | None:
 
 def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
+
+
+AUTO_ON_CUDA = ("decode=auto runs the host loop on CUDA as well: the captured step is opt-in (decode=graph) "
+                "until it passes its GPU checks (on an H200 it hit an illegal memory access in the sampler "
+                "benchmark and 3 of 17 GPU tests failed)")
 
 
 def run_decode(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
@@ -364,6 +382,9 @@ def run_decode(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_ids:
     fallback = None
     if mode == "auto" and device.type != "cuda":  # the host loop is the CPU path: said once, at info level
         mode, fallback = "eager", capture_blocked(model, generator)
+        _log_once(model, fallback, level=logging.INFO)
+    elif mode == "auto":  # on CUDA too, for now: see AUTO_ON_CUDA
+        mode, fallback = "eager", AUTO_ON_CUDA
         _log_once(model, fallback, level=logging.INFO)
     if mode in ("auto", "graph"):
         fallback = capture_blocked(model, generator)
