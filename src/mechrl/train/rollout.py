@@ -161,8 +161,8 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     `attn_implementation`: the attention kernel to sample with ("eager", "sdpa", ...; the model's
     setting is restored afterwards). Default: "eager" on CPU when the model is set to "sdpa" (PyTorch's
     CPU sdpa kernel is slow for a single query: 11% of the benchmark's time), else the model's own.
-    `decode`: how the decode steps run (`decode_graph.DECODE_MODES`): "auto" (the default) replays a
-    captured CUDA graph per step on CUDA and runs the host loop on CPU; "eager" the host loop;
+    `decode`: how the decode steps run (`decode_graph.DECODE_MODES`): "auto" (the default) runs the
+    host loop (on CUDA too, for now: `decode_graph.AUTO_ON_CUDA`); "eager" the host loop;
     "static" the fixed-shape step without capture; "graph" requires the capture. All give the same
     tokens (`Rollout.decode` says which ran and what it cost).
 
