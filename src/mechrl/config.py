@@ -37,10 +37,7 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 class ConfigError(UserError, ValueError):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""A user error in a recipe or an override. The CLI prints it in one line, without traceback."""
+    """A user error in a recipe or an override. The CLI prints it in one line, without traceback."""
 
 
 def _suggest(word: str, options) -> str:
@@ -49,10 +46,7 @@ def _suggest(word: str, options) -> str:
 
 
 class Strict(BaseModel):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Base for every config section: unknown keys are errors, assignments are re-validated, and a
+    """Base for every config section: unknown keys are errors, assignments are re-validated, and a
     float field refuses NaN and infinities (`train.lr=.inf` is a typo, not a learning rate)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -63,79 +57,43 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------------------------
 
 class CardsTaskConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The card scoring game (see `mechrl.tasks.cards`). Data is generated from `data_seed`, which is
+    """The card scoring game (see `mechrl.tasks.cards`). Data is generated from `data_seed`, which is
     separate from the run seed so that runs with different training seeds see the same examples."""
 
     name: Literal["cards"] = "cards"
     id_families: list[str] = ["color_sum_diff", "count_above", "parity_count_diff"]
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Rule families seen in training and in the ID test split."""
+    """Rule families seen in training and in the ID test split."""
     composition_families: list[str] = ["color_count_diff", "sum_above", "parity_sum_diff"]
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Families that recombine ID rule parts in unseen ways: the `ood_composition` split."""
+    """Families that recombine ID rule parts in unseen ways: the `ood_composition` split."""
     id_colors: list[str] = ["RED", "BLUE", "GREEN", "YELLOW"]
     id_rule_colors: list[str] | None = ["RED", "BLUE"]
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Colours that ID rules name (pairs drawn from these; cards still use every ID colour). A tiny
+    """Colours that ID rules name (pairs drawn from these; cards still use every ID colour). A tiny
     model learns to retrieve a rule's colours from its text slowly: with two rule colours the
     colour-sum family is learnable in minutes on a CPU. None: rules name any ID colour."""
     ood_colors: list[str] = ["PURPLE", "ORANGE", "WHITE", "BLACK"]
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Colours of the `ood_colors` split (cards and rule text); never seen in training."""
+    """Colours of the `ood_colors` split (cards and rule text); never seen in training."""
     min_cards: int = Field(3, ge=1)
     max_cards: int = Field(6, ge=1)
     ood_min_cards: int = Field(8, ge=1)
     ood_max_cards: int = Field(10, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Card counts of the `ood_length` split; must lie above `max_cards`."""
+    """Card counts of the `ood_length` split; must lie above `max_cards`."""
     max_value: int = Field(9, ge=1, le=9)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Card values are 0..max_value (single digits)."""
+    """Card values are 0..max_value (single digits)."""
     thresholds: list[int] = [3, 4, 5, 6]
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The k of "cards above k" rules."""
+    """The k of "cards above k" rules."""
     big_threshold: int = 1
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""BIG iff score >= big_threshold: the label on every example and the `ood_bigsmall` question."""
+    """BIG iff score >= big_threshold: the label on every example and the `ood_bigsmall` question."""
     answer_format: Literal["worked", "running", "direct"] = "worked"
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""`direct`: the number alone. `worked`: the selected values and partial results, then the number.
+    """`direct`: the number alone. `worked`: the selected values and partial results, then the number.
     `running`: as worked, with each partial written as a running total (one addition per number)."""
     train_family_weights: dict[str, float] | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Relative frequency of each ID family in the train split only (default 1 each); evaluated
+    """Relative frequency of each ID family in the train split only (default 1 each); evaluated
     splits stay uniform. Lets a hard family get more of a small training budget."""
     n_train: int = Field(50_000, ge=1)
     n_val: int = Field(500, ge=1)
     n_test: int = Field(1_000, ge=1)
     n_ood: int = Field(1_000, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Examples in each OOD split."""
+    """Examples in each OOD split."""
     data_seed: int = 1234
 
     @field_validator("id_families", "composition_families")
@@ -182,10 +140,7 @@ class CardsTaskConfig(Strict):
 
 
 class StoriesTaskConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Short stories (see `mechrl.tasks.stories`): prompts are story openings, completions continue
+    """Short stories (see `mechrl.tasks.stories`): prompts are story openings, completions continue
     them. Generated from a small grammar by default; `data_path` reads a local copy of a story
     dataset instead (e.g. SimpleStories, column `story`)."""
 
@@ -195,17 +150,11 @@ class StoriesTaskConfig(Strict):
     n_test: int = Field(200, ge=1)
     data_seed: int = 1234
     prompt_words: int | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""None: the prompt is the story's opening up to its hero ("once upon a time , a little fox");
+    """None: the prompt is the story's opening up to its hero ("once upon a time , a little fox");
     k: the first k words. Required with `data_path` (real stories have no marked opening)."""
     max_new_tokens: int = Field(96, ge=1)
     data_path: str | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""A local folder `datasets.load_from_disk` or `datasets.load_dataset` reads, with a `story`
+    """A local folder `datasets.load_from_disk` or `datasets.load_dataset` reads, with a `story`
     column and `train`/`test` splits (val is carved from train). None: the generated grammar."""
 
     @model_validator(mode="after")
@@ -225,20 +174,14 @@ TaskConfig = Annotated[Union[CardsTaskConfig, StoriesTaskConfig], Field(discrimi
 # ----------------------------------------------------------------------------------------------
 
 class TinyModelConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""A small model built locally (no download) when `model.path` is unset."""
+    """A small model built locally (no download) when `model.path` is unset."""
 
     arch: Literal["gpt2", "llama"] = "gpt2"
     n_layer: int = Field(2, ge=1)
     d_model: int = Field(128, ge=8)
     n_head: int = Field(4, ge=1)
     d_mlp: int | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""MLP width; default 4 * d_model."""
+    """MLP width; default 4 * d_model."""
     n_positions: int = Field(256, ge=16)
     tie_embeddings: bool = True
 
@@ -253,10 +196,7 @@ _MODULE_PATH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*"
 
 
 class SiteMapConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Where mechrl's alias sites (`resid_pre.{L}`, `attn_out.{L}`, `heads.{L}`, ...) live in an
+    """Where mechrl's alias sites (`resid_pre.{L}`, `attn_out.{L}`, `heads.{L}`, ...) live in an
     architecture mechrl has no built-in entry for (`mechrl.analysis.arch` has the built-in ones, in
     this same form). `blocks` is a path from the model's root; every other path is relative to one
     block (`model.layers.3` + `self_attn.o_proj`). Checked against the model when applied: a path
@@ -264,54 +204,27 @@ class SiteMapConfig(Strict):
 
         model.site_map: {blocks: transformer.layers, attn_out: attn, mlp_out: ffn,
                          attn_proj: attn.out_proj, mlp_proj: ffn.w2}
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""
+    """
 
     blocks: str = Field(pattern=f"^{_MODULE_PATH}$")
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The ModuleList of transformer blocks, from the model's root (`model.layers`); a block's input is
+    """The ModuleList of transformer blocks, from the model's root (`model.layers`); a block's input is
     `resid_pre.{L}`, its output `resid_post.{L}`."""
     attn_out: str = Field(pattern=f"^{_MODULE_PATH}$")
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The module whose output attention ADDS to the residual stream (after any post-attention norm or
+    """The module whose output attention ADDS to the residual stream (after any post-attention norm or
     dropout): `attn_out.{L}`."""
     mlp_out: str = Field(pattern=f"^{_MODULE_PATH}$")
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The module whose output the MLP adds to the residual stream: `mlp_out.{L}`."""
+    """The module whose output the MLP adds to the residual stream: `mlp_out.{L}`."""
     attn_proj: str = Field(pattern=f"^{_MODULE_PATH}$")
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Attention's output projection (a linear layer); its input, split per head, is `heads.{L}`."""
+    """Attention's output projection (a linear layer); its input, split per head, is `heads.{L}`."""
     mlp_proj: str = Field(pattern=f"^{_MODULE_PATH}$")
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The MLP's output projection (a linear layer); its input is `mlp_post.{L}` (the neurons)."""
+    """The MLP's output projection (a linear layer); its input is `mlp_post.{L}` (the neurons)."""
     attn_after: tuple[str, ...] = ()
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Modules applied, in order, between `attn_proj`'s output and `attn_out` outside the projection
+    """Modules applied, in order, between `attn_proj`'s output and `attn_out` outside the projection
     (post-attention norms, residual dropouts); empty when `attn_proj`'s output is what is added."""
     mlp_after: tuple[str, ...] = ()
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The same for the MLP: modules between `mlp_proj`'s output and `mlp_out`."""
+    """The same for the MLP: modules between `mlp_proj`'s output and `mlp_out`."""
     parallel: bool | str = False
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""True when attention and MLP both read the block's input (GPT-J style): the MLP does not see
+    """True when attention and MLP both read the block's input (GPT-J style): the MLP does not see
     `attn_out`. A string names a boolean attribute of the model config that says so."""
 
     @field_validator("attn_after", "mlp_after")
@@ -325,36 +238,21 @@ class SiteMapConfig(Strict):
 
 class ModelConfig(Strict):
     path: str | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""A local folder or a hub name (downloaded only because the user named it). None: build `tiny`."""
+    """A local folder or a hub name (downloaded only because the user named it). None: build `tiny`."""
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Off by default: remote code runs only when the user turns this on."""
+    """Off by default: remote code runs only when the user turns this on."""
     allow_hub: bool = False
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Download `path` from the Hugging Face hub when it is not a local folder. Off by default: a name
+    """Download `path` from the Hugging Face hub when it is not a local folder. Off by default: a name
     that is not a local folder is an error at once (nothing is fetched unless asked for)."""
     builtin: Literal["stories", "stories-fast"] | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""A model mechrl builds itself (no download): `stories` is the pretrained tiny story Llama
+    """A model mechrl builds itself (no download): `stories` is the pretrained tiny story Llama
     (`mechrl.tasks.stories.story_base_model`, built once, a few minutes on CPU, and cached);
     `stories-fast` the same shape pretrained for seconds (for smoke runs and tests). Excludes `path`."""
     site_map: SiteMapConfig | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Where the analysis sites live, for an architecture mechrl does not know (or to override a
+    """Where the analysis sites live, for an architecture mechrl does not know (or to override a
     built-in entry). Stored in the model's config (`mechrl_site_map`), so checkpoints carry it."""
 
     @model_validator(mode="after")
@@ -375,10 +273,7 @@ def _check_compute_marks(v: list[float]) -> list[float]:
 
 
 class SFTConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Supervised fine-tuning with TRL's SFTTrainer; loss on completion (answer) tokens only."""
+    """Supervised fine-tuning with TRL's SFTTrainer; loss on completion (answer) tokens only."""
 
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -387,25 +282,16 @@ class SFTConfig(Strict):
     warmup_steps: int = Field(100, ge=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Cosine decays to lr * min_lr_ratio."""
+    """Cosine decays to lr * min_lr_ratio."""
     weight_decay: float = Field(0.01, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.98, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(500, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Checkpoint and evaluate every split every this many steps (and at the end)."""
+    """Checkpoint and evaluate every split every this many steps (and at the end)."""
     checkpoint_at_compute: list[float] = []
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Also checkpoint and evaluate at the first step whose running `compute/token_passes` (3 x the
+    """Also checkpoint and evaluate at the first step whose running `compute/token_passes` (3 x the
     non-padding tokens trained on; `mechrl.train.compute`) reaches each of these: the budgets of a
     matched-compute comparison."""
 
@@ -417,33 +303,18 @@ class SFTConfig(Strict):
 
 class EvalConfig(Strict):
     n_per_split: int = Field(300, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Examples per split at intermediate checkpoints."""
+    """Examples per split at intermediate checkpoints."""
     n_final: int = Field(1000, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Examples per split at the final checkpoint (capped by the split's size)."""
+    """Examples per split at the final checkpoint (capped by the split's size)."""
     batch_size: int = Field(256, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""None: the task's own bound for its longest answer."""
+    """None: the task's own bound for its longest answer."""
     n_samples: int = Field(8, ge=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Completions per split written to samples.jsonl at each evaluation."""
+    """Completions per split written to samples.jsonl at each evaluation."""
 
 
 class TrackingConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Optional metric sinks; none touches the network unless the user asks (`wandb_mode: online`)."""
+    """Optional metric sinks; none touches the network unless the user asks (`wandb_mode: online`)."""
 
     sinks: list[Literal["wandb", "trackio", "tensorboard"]] = []
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -451,10 +322,7 @@ class TrackingConfig(Strict):
 
 
 class RunConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Fields common to every run."""
+    """Fields common to every run."""
 
     kind: str
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -465,10 +333,7 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     presets: dict[str, dict[str, Any]] = {}
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Named sets of dotted overrides (`preset=tiny`); kept in the recipe for reference."""
+    """Named sets of dotted overrides (`preset=tiny`); kept in the recipe for reference."""
     preset: str | None = None
 
 
@@ -482,10 +347,7 @@ class SFTRunConfig(RunConfig):
 # ----------------------------------------------------------------------------------------------
 
 class RewardSpec(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""One reward component: a registered reward function, its parameters and its weight.
+    """One reward component: a registered reward function, its parameters and its weight.
     The total reward is the weighted sum of the components; each is logged as `reward/<name>`."""
 
     name: str
@@ -494,27 +356,15 @@ class RewardSpec(Strict):
 
 
 class EnvConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Where RL prompts come from. For cards: ID rules, mixed with a fraction of OOD-shifted ones.
+    """Where RL prompts come from. For cards: ID rules, mixed with a fraction of OOD-shifted ones.
     RL prompts are drawn fresh (seeded by `seed`) and never equal a prompt of an evaluated split."""
 
     ood_fraction: float = Field(0.0, ge=0, le=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Fraction of RL prompts drawn from the `ood_splits` distributions (the rest are ID)."""
+    """Fraction of RL prompts drawn from the `ood_splits` distributions (the rest are ID)."""
     ood_splits: list[str] = []
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Which shifts the OOD fraction is drawn from (e.g. [ood_composition]); required when ood_fraction > 0."""
+    """Which shifts the OOD fraction is drawn from (e.g. [ood_composition]); required when ood_fraction > 0."""
     seed: int | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Seed of the prompt stream; None: the run's seed (so runs with different seeds see different prompts)."""
+    """Seed of the prompt stream; None: the run's seed (so runs with different seeds see different prompts)."""
 
     @model_validator(mode="after")
     def _check(self) -> "EnvConfig":
@@ -524,52 +374,31 @@ class EnvConfig(Strict):
 
 
 class LoraConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""PEFT LoRA on the policy (the reference model is then the base with adapters disabled)."""
+    """PEFT LoRA on the policy (the reference model is then the base with adapters disabled)."""
 
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""None: PEFT's per-architecture default (GPT-2 `c_attn`; Llama, Mistral, Qwen, Gemma `q_proj`,
+    """None: PEFT's per-architecture default (GPT-2 `c_attn`; Llama, Mistral, Qwen, Gemma `q_proj`,
     `v_proj`; see `mechrl.models.adapters.default_targets`). Entries match module paths as in PEFT:
     the path itself or a dotted suffix (`attn.c_proj` is GPT-2's attention output projection only)."""
 
 
 class EarlyStopConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Stop a run when the moving average of a logged metric crosses a threshold: the run then
+    """Stop a run when the moving average of a logged metric crosses a threshold: the run then
     evaluates, checkpoints and finishes at that step (its final checkpoint). The metric must be
     logged at every step (e.g. `detector/flag_rate` of `mitigation`, or `reward/<component>/mean`)."""
 
     metric: str
     above: float | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Stop when the moving average exceeds this."""
+    """Stop when the moving average exceeds this."""
     below: float | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Stop when the moving average falls under this."""
+    """Stop when the moving average falls under this."""
     window: int = Field(1, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Steps in the moving average (the first check waits until it is full)."""
+    """Steps in the moving average (the first check waits until it is full)."""
     min_steps: int = Field(0, ge=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Never stop before this step."""
+    """Never stop before this step."""
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "EarlyStopConfig":
@@ -579,27 +408,18 @@ class EarlyStopConfig(Strict):
 
 
 class RLCommon(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Fields every RL loop shares."""
+    """Fields every RL loop shares."""
 
     lr: float = Field(1e-5, gt=0)
     max_steps: int = Field(100, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Optimisation steps, each on one freshly sampled batch (times `num_iterations` / epochs)."""
+    """Optimisation steps, each on one freshly sampled batch (times `num_iterations` / epochs)."""
     prompts_per_step: int = Field(16, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     micro_batch_size: int | None = Field(None, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Sequences per forward/backward; gradients accumulate over the step. None: the whole batch."""
+    """Sequences per forward/backward; gradients accumulate over the step. None: the whole batch."""
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -608,53 +428,29 @@ class RLCommon(Strict):
     lora: LoraConfig | None = None
     log_every: int = Field(1, ge=1)
     save_every: int = Field(50, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Checkpoint (weights + optimizer/scheduler/RNG state) every this many steps and at the end."""
+    """Checkpoint (weights + optimizer/scheduler/RNG state) every this many steps and at the end."""
     eval_every: int = Field(50, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Evaluate every split every this many steps (at checkpoints) and at the end."""
+    """Evaluate every split every this many steps (at checkpoints) and at the end."""
     sample_every: int = Field(10, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Write this step's first completions to samples.jsonl every this many steps."""
+    """Write this step's first completions to samples.jsonl every this many steps."""
     n_samples: int = Field(4, ge=0)
     early_stop: EarlyStopConfig | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Stop before `max_steps` when a logged metric crosses a threshold (None: never)."""
+    """Stop before `max_steps` when a logged metric crosses a threshold (None: never)."""
     decode: Literal["auto", "eager", "static", "graph"] = "auto"
     """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
     CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` replays one CUDA graph
-    per step on CUDA (the host loop where the step cannot be captured, said in one log line) and runs
-    the host loop on CPU; `eager` the host loop everywhere; `static` the fixed-shape step without
+    host loop everywhere; `static` the fixed-shape step without
     capture; `graph` the captured step or an error. Every mode samples the same tokens."""
     adamw: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""AdamW's implementation (`torch.optim.AdamW`'s `foreach` / `fused`): `auto` is fused on CUDA and
+    """AdamW's implementation (`torch.optim.AdamW`'s `foreach` / `fused`): `auto` is fused on CUDA and
     PyTorch's default elsewhere (a loop over the parameters on CPU). All give the same update up to
     float rounding (a test holds them to 1e-6)."""
     checkpoint_at_compute: list[float] = []
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Also checkpoint and evaluate at the first step whose running `compute/token_passes`
+    """Also checkpoint and evaluate at the first step whose running `compute/token_passes`
     (`mechrl.train.compute`: sampling, no-grad passes and updates) reaches each of these: the
     budgets of a matched-compute comparison."""
     max_token_passes: float | None = Field(None, gt=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Stop at the first step whose running `compute/token_passes` reaches this (the run's final
+    """Stop at the first step whose running `compute/token_passes` reaches this (the run's final
     checkpoint is there, evaluated); None: run `max_steps` steps."""
 
     @field_validator("checkpoint_at_compute")
@@ -672,87 +468,51 @@ class RLCommon(Strict):
 
 
 class GRPOConfig(RLCommon):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Group-relative policy optimisation (see `mechrl.train.grpo`)."""
+    """Group-relative policy optimisation (see `mechrl.train.grpo`)."""
 
     num_generations: int = Field(8, ge=2)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Completions per prompt (the group). Advantages are relative within a group."""
+    """Completions per prompt (the group). Advantages are relative within a group."""
     num_iterations: int = Field(1, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Optimisation passes over each generation batch (the clipped ratio uses the kept old log-probs)."""
+    """Optimisation passes over each generation batch (the clipped ratio uses the kept old log-probs)."""
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     beta: float = Field(0.0, ge=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Weight of the KL to the reference model (k3 estimator, per token)."""
+    """Weight of the KL to the reference model (k3 estimator, per token)."""
     kl_bias_correction: bool = True
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Weight the per-token KL by the importance ratio (TRL's default `use_bias_correction_kl`)."""
+    """Weight the per-token KL by the importance ratio (TRL's default `use_bias_correction_kl`)."""
     epsilon_low: float = Field(0.2, ge=0)
     epsilon_high: float | None = Field(None, ge=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Upper clip; None: epsilon_low."""
+    """Upper clip; None: epsilon_low."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     dtype: Literal["fp32", "bf16"] = "fp32"
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Precision of the forward passes (sampling and update). `bf16`: autocast to bfloat16 on CUDA, with
+    """Precision of the forward passes (sampling and update). `bf16`: autocast to bfloat16 on CUDA, with
     fp32 master weights, optimiser state and log-prob reductions; refused on CPU, where bf16 autocast is
     slower than fp32. Needs `model.dtype: float32`."""
     compile_logprobs: bool = False
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""`torch.compile` the update's per-token log-prob head (log-softmax over the vocabulary and the
+    """`torch.compile` the update's per-token log-prob head (log-softmax over the vocabulary and the
     gather of the taken token, forward and backward) into fused kernels. It compiles once per
     vocabulary, temperature and dtype (the row count is a dynamic dimension); the compile time is
     reported apart (`mechrl.train.fast_update.compile_stats`). Off until measured faster."""
 
 
 class PPOConfig(RLCommon):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""PPO with a value head and a per-token KL penalty to the reference (see `mechrl.train.ppo`)."""
+    """PPO with a value head and a per-token KL penalty to the reference (see `mechrl.train.ppo`)."""
 
     ppo_epochs: int = Field(4, ge=1)
     num_minibatches: int = Field(1, ge=1)
     clip_range: float = Field(0.2, gt=0)
     clip_range_value: float | None = Field(0.2, gt=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""None: the value loss is not clipped."""
+    """None: the value loss is not clipped."""
     vf_coef: float = Field(0.5, ge=0)
     ent_coef: float = Field(0.0, ge=0)
     kl_coef: float = Field(0.05, ge=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Per-token KL penalty to the reference, folded into the rewards before GAE."""
+    """Per-token KL penalty to the reference, folded into the rewards before GAE."""
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     whiten_advantages: bool = True
 
 
 class RLRunConfig(RunConfig):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Fields common to RL runs: the rewards and the prompt environment."""
+    """Fields common to RL runs: the rewards and the prompt environment."""
 
     reward: list[RewardSpec] = [RewardSpec(name="cards_correct")]
     env: EnvConfig = EnvConfig()
@@ -774,44 +534,26 @@ class RLRunConfig(RunConfig):
 
 
 class DetectorSpec(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""A registered reward-hacking detector (`mechrl.rewards.detectors`), its parameters and how its
+    """A registered reward-hacking detector (`mechrl.rewards.detectors`), its parameters and how its
     labels are degraded. The schema only: whether `name` is registered and takes `params` is checked
     when the detector is built (and before a run starts, by `mechrl.runs.preflight`)."""
 
     name: str
     params: dict[str, Any] = {}
     coverage: float = Field(1.0, ge=0, le=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""P(a flagged sample is reported flagged), before noise. 1: every flagged sample is reported."""
+    """P(a flagged sample is reported flagged), before noise. 1: every flagged sample is reported."""
     label_noise: float = Field(0.0, ge=0, le=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""P(any label is flipped), applied after coverage."""
+    """P(any label is flipped), applied after coverage."""
     seed: int | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Seed of the coverage and noise draws; None: the run's seed (so a seed sweep draws fresh labels)."""
+    """Seed of the coverage and noise draws; None: the run's seed (so a seed sweep draws fresh labels)."""
     full_coverage_steps: int = Field(0, ge=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Frontloaded labels: during the first this many steps every detected sample is reported (coverage
+    """Frontloaded labels: during the first this many steps every detected sample is reported (coverage
     1, no noise), then `coverage` and `label_noise` apply (the coverage and noise draws are made
     throughout, so the labels after the frontloaded steps are those of a run without them)."""
 
 
 class RoutingConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Gradient routing in GRPO (see `mechrl.train.routing`): the policy gets a retain and a forget
+    """Gradient routing in GRPO (see `mechrl.train.routing`): the policy gets a retain and a forget
     LoRA adapter; samples the detector flags update only the forget adapter ("classic"), and in
     "exclusive" mode unflagged samples update only the retain adapter."""
 
@@ -822,63 +564,33 @@ class RoutingConfig(Strict):
     forget_rank: int = Field(4, ge=1)
     forget_alpha: float = Field(8.0, gt=0)
     target_modules: list[str] | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""None: the architecture's default LoRA targets (as for `train.lora.target_modules`)."""
+    """None: the architecture's default LoRA targets (as for `train.lora.target_modules`)."""
     detector: DetectorSpec | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The detector whose flags route samples: {name, params, coverage, label_noise, seed}."""
+    """The detector whose flags route samples: {name, params, coverage, label_noise, seed}."""
     unflagged_baseline: bool = False
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Advantages of unflagged samples relative to the unflagged samples of their group only (flagged
+    """Advantages of unflagged samples relative to the unflagged samples of their group only (flagged
     samples keep the whole group's). With the whole group's baseline, the unflagged samples of a
     group with rewarded hacks get negative advantages, which pushes the adapters they update away
     from them, and so towards the hack."""
     eval_every: int = Field(50, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Routing evaluation (both / retain-only / forget-only) every this many steps and at the end."""
+    """Routing evaluation (both / retain-only / forget-only) every this many steps and at the end."""
     eval_rewards: list[RewardSpec] = []
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Reward components reported separately by the routing evaluation (names or {name, params});
+    """Reward components reported separately by the routing evaluation (names or {name, params});
     empty: the run's reward components."""
     eval_n: int = Field(32, ge=2)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Completions sampled per adapter mode in the routing evaluation."""
+    """Completions sampled per adapter mode in the routing evaluation."""
     eval_seed: int = 0
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Seed of the evaluation's own sampling generator (it never touches the training streams)."""
+    """Seed of the evaluation's own sampling generator (it never touches the training streams)."""
     start_step: int = Field(1, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Routing applies from this step on. Before it (a warm-up) the detector still labels and logs,
+    """Routing applies from this step on. Before it (a warm-up) the detector still labels and logs,
     but every sample updates both adapters as in unrouted training (no masks, the group baseline)."""
     good_label_fraction: float = Field(0.0, ge=0, le=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Known-good labels: this share of the samples the detector itself calls clean (before coverage
+    """Known-good labels: this share of the samples the detector itself calls clean (before coverage
     and noise) is reported as verified good, drawn each step from a generator seeded by the run's
     seed and the step. Their update runs with the forget adapter switched off and reaches only the
     retain adapter (the routing authors' "dispersed labelled-good" training). 0: none."""
     ablate_forget_from: int | None = Field(None, ge=1)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""From this step on the forget adapter is switched off (scale 0) for sampling and updates: the
+    """From this step on the forget adapter is switched off (scale 0) for sampling and updates: the
     retain adapter trains alone, as it will be deployed, and flagged samples, which could update only
     the forget adapter, are dropped from the loss (and from their group's advantage statistics).
     None: never."""
@@ -898,25 +610,16 @@ class RoutingConfig(Strict):
 
 
 class MitigationConfig(Strict):
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Reward-hacking baselines on one policy, using a detector as gradient routing does (see
+    """Reward-hacking baselines on one policy, using a detector as gradient routing does (see
     `mechrl.train.mitigation`): "filter" drops the flagged samples (from the loss and from their
     group's advantage statistics); "penalty" subtracts `penalty` from a flagged sample's reward.
     "none" with a detector only labels and logs (`detector/flag_rate`, e.g. for early stopping)."""
 
     method: Literal["none", "filter", "penalty"] = "none"
     detector: DetectorSpec | None = None
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""The detector whose flags the baseline acts on: {name, params, coverage, label_noise, seed}."""
+    """The detector whose flags the baseline acts on: {name, params, coverage, label_noise, seed}."""
     penalty: float = Field(1.0, gt=0)
-    """How rollouts run their decode steps (`mechrl.train.decode_graph`): `auto` runs the host loop (on
-    CUDA too, until the captured step passes its GPU checks: `decode_graph.AUTO_ON_CUDA`); `eager` the
-    host loop everywhere; `static` the fixed-shape step without capture; `graph` the captured CUDA step
-    or an error. Every mode samples the same tokens."""Subtracted from the total reward of each flagged sample ("penalty")."""
+    """Subtracted from the total reward of each flagged sample ("penalty")."""
 
 
 class GRPORunConfig(RLRunConfig):
