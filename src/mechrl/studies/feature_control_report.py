@@ -19,6 +19,7 @@ from matplotlib.figure import Figure as MplFigure
 from mechrl.runs.report import Figure, Section, Table
 from mechrl.runs.report.html import render_page
 from mechrl.runs.report.plots import overlay_figure
+from mechrl.runs.report.rundata import flatten
 from mechrl.runs.rundir import atomic_write_text, read_jsonl
 
 FINAL_KEYS = ("hack_rate", "positive_words", "quality", "rm_score")
@@ -326,7 +327,7 @@ def write_report(summary: dict, path: Path) -> Path:
                    + f"; wall time {summary.get('wall_time_s', 0):.0f} s. The data, reward model, SARM and feature "
                    "selection are built once; seeds vary the RL runs (LoRA init, prompts, sampling). Each run's own "
                    "report.html is in its folder.", tables=[Table(["arm", "seed", "run"], run_rows, kind="runs")])
-    flat = _flatten(cfg.model_dump(mode="json", exclude={"presets"}))
+    flat = flatten(cfg.model_dump(mode="json", exclude={"presets"}))
     appendix = Section("Appendix: the study config", tables=[Table(["key", "value"], [[k, json.dumps(v)] for k, v in flat.items()],
                                                                     kind="config", text_columns=(1,))])
     page = render_page("feature-control study: penalising reward-model features vs the behaviour they stand for",
@@ -334,13 +335,3 @@ def write_report(summary: dict, path: Path) -> Path:
     atomic_write_text(path, page)
     return path
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
