@@ -265,8 +265,10 @@ def test_static_mode_never_replays_a_graph(tok):
 def test_a_bare_cuda_device_is_the_same_as_its_current_index():
     """A generator made with device="cuda" reports `cuda`; the model's parameters report `cuda:0`. They
     are one device: comparing them as unequal kept every decode step from being captured on a GPU."""
-    from mechrl.train.decode_graph import same_device
+    from mechrl.train.decode_graph import canonical_device, same_device
 
+    # the captured-step cache is keyed by the generator's device as a string: one key for both spellings
+    assert str(canonical_device("cuda")) == str(canonical_device(torch.device("cuda", 0))) == "cuda:0"
     assert same_device(torch.device("cuda"), torch.device("cuda:0"))
     assert same_device(torch.device("cpu"), torch.device("cpu"))
     assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))

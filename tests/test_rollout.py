@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mechrl.train.rollout import _inverse_cdf, completion_logprobs, encode_prompts, generate
+from mechrl.train.rollout import (
+    _contiguous_groups, _inverse_cdf, completion_logprobs, encode_prompts, generate, token_logprobs,
+)
 
 # prompts of different lengths (1 to 9 tokens with the cards tokenizer), so the batch is left-padded
 PROMPTS = ["RED", "Cards : RED 3 BLUE 5", "Question : sum", "BLUE 7 GREEN 2 RED 9 =", "how many"]
@@ -235,10 +237,12 @@ def _logprobs_and_grads(model, roll, share: bool, temperature: float = 1.0):
     return lp.detach(), grads
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_pass_equals_full_pass(tiny_model, cards_tok, lora):
+@pytest.mark.parametrize("lora,order", [(False, "groups"), (True, "groups"), (False, "shuffled"), (False, "uneven")])
+def test_shared_prompt_pass_equals_full_pass(tiny_model, cards_tok, lora, order):
     """Each distinct prompt once + copied cache rows gives the same log-probs and gradients as
-    B full passes over prompt + completion, including rows that ended early (masked tails)."""
+    B full passes over prompt + completion, including rows that ended early (masked tails): for rows
+    in contiguous groups of one size (broadcast cache rows), shuffled rows and groups of unequal
+    sizes (`index_select`)."""
     model = tiny_model.train()
     if lora:
         from mechrl.config import LoraConfig
@@ -250,7 +254,16 @@ def test_shared_prompt_pass_equals_full_pass(tiny_model, cards_tok, lora):
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
     prompts = [p for p in PROMPTS for _ in range(4)]  # groups of 4, as in GRPO
+    if order == "uneven":
+        prompts = prompts[:-1]
     roll = generate(model, cards_tok, prompts, max_new_tokens=9, generator=torch.Generator().manual_seed(0))
+    if order == "shuffled":
+        perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(1))
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+            setattr(roll, name, getattr(roll, name)[perm])
+    groups = _contiguous_groups(torch.unique(torch.cat([roll.prompt_ids, roll.prompt_mask], 1), dim=0,
+                                             return_inverse=True)[1])
+    assert (groups is not None) == (order == "groups")  # each order takes the path it is meant to test
     for i in range(1, len(prompts), 3):  # rows that ended early: mask 0 and pad after their end
         end = 1 + i % 8
         roll.completion_mask[i, end:] = 0
@@ -271,3 +284,45 @@ def test_shared_prompt_pass_single_token_completions(model, cards_tok):
     full, _ = _logprobs_and_grads(model, roll, share=False)
     shared, _ = _logprobs_and_grads(model, roll, share=True)
     torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_match_autograd_of_log_softmax(temperature):
+    """`token_logprobs`'s own backward (the saved log-softmax turned into the gradient in place) gives
+    autograd's values and gradients for gather(log_softmax(x / t)), including a token repeated in a row."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 50, generator=g) * 4).requires_grad_()
+    ids = torch.randint(0, 50, (3, 5), generator=g)
+    ids[0, 1] = ids[0, 0]
+    w = torch.randn(3, 5, generator=g)
+    ref = torch.log_softmax(x / temperature, -1).gather(2, ids[..., None]).squeeze(-1)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), x)
+    out = token_logprobs(x, ids, temperature)
+    (grad,) = torch.autograd.grad((out * w).sum(), x)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_token_logprobs_second_backward_raises():
+    """The backward consumes its saved log-softmax: a second backward through the same graph is an error,
+    not a wrong gradient."""
+    x = torch.randn(2, 3, 7, requires_grad=True)
+    out = token_logprobs(x, torch.zeros(2, 3, dtype=torch.long))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_sampling_under_bf16_autocast(model, cards_tok):
+    """Under bf16 autocast (`train.dtype: bf16`) the sampler runs: Llama's keys leave the rotary embedding
+    in float32 while its values stay bf16, and the static cache stores both in bf16. The sampled
+    tokens' log-probs match a float32 pass over the same tokens to bf16 precision."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        roll = generate(model, cards_tok, PROMPTS, max_new_tokens=6, generator=g)
+    with torch.no_grad():
+        ref = completion_logprobs(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    m = roll.completion_mask.bool()
+    assert m.sum() >= len(PROMPTS)
+    err = (roll.logprobs[m] - ref[m]).abs()
+    assert err.max() < 0.1, err.max()

@@ -62,7 +62,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from mechrl.errors import UserError
-from mechrl.train.rollout import _hit_stop, _sample, _sample_loop, decode_mask, prefill
+from mechrl.train.rollout import KVCache, _hit_stop, _sample, _sample_loop, decode_mask, prefill
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def _uncached_autocast(device: torch.device):
 def _static_cache_like(config, pre: StaticCache, rows: int) -> StaticCache:
     """A StaticCache of `pre`'s length with its layers allocated now (heads, head sizes, dtype, device
     as in `pre`) for `rows` rows, so that their addresses never change."""
-    cache = StaticCache(config=config, max_cache_len=pre.layers[0].max_cache_len)
+    cache = KVCache(config=config, max_cache_len=pre.layers[0].max_cache_len, dtype=pre.kv_dtype)
     for dst, src in zip(cache.layers, pre.layers, strict=True):
         if type(src) is not StaticLayer or type(dst) is not StaticLayer:
             raise ValueError(f"decode runner: cache layers must be plain StaticLayers, got {type(src).__name__}")
@@ -331,17 +331,19 @@ def capture_blocked(model: PreTrainedModel, generator: torch.Generator | None = 
     return step_blocker(model) or (r.failed if r is not None else None)
 
 
-def same_device(a: torch.device, b: torch.device) -> bool:
+def canonical_device(d: torch.device | str) -> torch.device:
+    """`d` with its index filled in: a bare type means its current index (`cuda` is the current CUDA
+    device, as a generator made on "cuda" reports it; other types index 0)."""
+    d = torch.device(d)
+    if d.index is not None:
+        return d
+    return torch.device(d.type, torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0)
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
     """Whether two devices are one: `cuda` (a generator's device) and `cuda:0` (a parameter's) are the
-    same device when 0 is the current one; a bare type means its current index."""
-    a, b = torch.device(a), torch.device(b)
-
-    def index(d: torch.device) -> int:
-        if d.index is not None:
-            return d.index
-        return torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
-
-    return a.type == b.type and index(a) == index(b)
+    same device when 0 is the current one."""
+    return canonical_device(a) == canonical_device(b)
 
 
 def step_blocker(model: PreTrainedModel) -> str | None:
@@ -439,7 +441,7 @@ def _decode_static(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_
     eos, pad = tok.eos_token_id, tok.pad_token_id
     device = prompt_ids.device
     autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-    gen_device = None if generator is None else str(generator.device)
+    gen_device = None if generator is None else str(canonical_device(generator.device))  # cuda == cuda:0
     key = (B, T, L, float(temperature), top_k, top_p, eos, pad, gen_device, autocast, _state_key(model))
     reg = _REGISTRY.setdefault(model, _ModelRunners())
     runner = reg.runners.get(key)

@@ -222,6 +222,31 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, texts, stats)
 
 
+class KVCache(StaticCache):
+    """A `StaticCache` that stores every layer's keys and values in one dtype, `dtype` (None: as they come).
+
+    Under autocast a layer's keys and values can arrive in different dtypes: Llama's rotary embedding
+    multiplies bf16 keys by float32 cos/sin and returns float32 keys, while the values stay bf16. A
+    StaticCache allocates both in the first key's dtype and writes in place (`index_copy_`), which
+    refuses the other. Here both are cast to the autocast dtype, the precision attention reads them
+    in under autocast anyway."""
+
+    def __init__(self, *args, dtype: torch.dtype | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kv_dtype = dtype
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.kv_dtype is not None:
+            key_states, value_states = key_states.to(self.kv_dtype), value_states.to(self.kv_dtype)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def kv_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype a `KVCache` stores in on `device`: autocast's when it is on there, else None (as computed)."""
+    t = device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else None
+
+
 def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             cache_len: int) -> tuple[StaticCache, torch.Tensor, torch.Tensor | None]:
     """Each distinct prompt through the model once, into a fresh `StaticCache` of `cache_len` columns.
@@ -232,7 +257,7 @@ def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch
     repeated = uniq.size(0) < prompt_ids.size(0)
     u_ids, u_mask = (uniq[:, :P], uniq[:, P:]) if repeated else (prompt_ids, prompt_mask)  # (U, P)
     u_pos = (u_mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    cache = KVCache(config=model.config, max_cache_len=cache_len, dtype=kv_dtype(prompt_ids.device))
     kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, past_key_values=cache, use_cache=True,
                 **kw)
@@ -360,12 +385,14 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
     """Per-token log-probs (B, T) of `completion_ids` given the prompts, with gradients.
 
     With `share_prompts` (the default) and rows that repeat a prompt (a GRPO group), each distinct
-    prompt goes through the model once and its KV cache rows are copied (with `index_select`, so
-    gradients from every completion of the group flow back into the one prompt pass); the
-    completions then run on that cache. The result and its gradients equal one full pass over
+    prompt goes through the model once and its KV cache rows are copied (broadcast over a group of
+    contiguous rows, else `index_select`; either way gradients from every completion of the group
+    flow back into the one prompt pass); the completions then run on that cache. The result and its gradients equal one full pass over
     prompt + completion (a test holds both to 1e-5), at (U x P + B x T) positions instead of
     B x (P + T) for U distinct prompts. Logits are computed for completion predictions only, and the
-    last completion token is never fed (nothing is predicted from it). `logprob_fn(logits, ids,
+    last completion token is never fed (nothing is predicted from it), and the log-probs of the first
+    completion token (from the prompt pass) and of the rest are joined, not their logits (no (B, T, V)
+    copy). `logprob_fn(logits, ids,
     temperature)`: the head from logits to log-probs (default `token_logprobs`; e.g. the compiled one
     of `fast_update`)."""
     B, T = completion_ids.shape
@@ -380,21 +407,50 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kw).logits
         logits = logits[:, -(T + 1):-1, :]  # predictions for completion tokens, (B, T, V)
     else:
+        groups = _contiguous_groups(inverse)
+        if groups is not None:  # run the prompts in batch order: row b's prompt is prompt row b // (B / U)
+            uniq, inverse = uniq[groups], None
         u_ids, u_mask = uniq[:, :P], uniq[:, P:]  # (U, P)
         cache = DynamicCache(config=model.config)
         kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(1) - 1).clamp(min=0),
                     past_key_values=cache, use_cache=True, **kw)
-        first = out.logits[:, -1:, :][inverse]  # (B, 1, V): prediction of completion token 0
+        first = _prompt_rows(out.logits[:, -1:, :], inverse, B)  # (B, 1, V): prediction of completion token 0
+        # token 0's log-probs by the plain head: a (B, 1, V) slice, and a length-1 shape would make a
+        # compiled head (`logprob_fn`) compile a second time
+        first_logp = token_logprobs(first, completion_ids[:, :1], temperature)  # (B, 1)
         if T == 1:
-            logits = first
-        else:
-            cache = out.past_key_values
-            cache.reorder_cache(inverse)  # (U, ...) -> (B, ...), differentiable
-            rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
-                         position_ids=position_ids[:, P:-1], past_key_values=cache, use_cache=True).logits
-            logits = torch.cat([first, rest], 1)  # (B, T, V)
+            return first_logp
+        for layer in out.past_key_values.layers:  # (U, H, P, D) -> (B, H, P, D)
+            layer.keys, layer.values = _prompt_rows(layer.keys, inverse, B), _prompt_rows(layer.values, inverse, B)
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, P:-1],
+                     past_key_values=out.past_key_values, use_cache=True).logits  # (B, T-1, V)
+        # the two parts' log-probs are joined, not their logits: no (B, T, V) copy
+        return torch.cat([first_logp, (logprob_fn or token_logprobs)(rest, completion_ids[:, 1:], temperature)], 1)
     return (logprob_fn or token_logprobs)(logits, completion_ids, temperature)
+
+
+def _contiguous_groups(inverse: torch.Tensor) -> torch.Tensor | None:
+    """For `inverse` (B,) mapping rows to U distinct prompts: when the rows come in contiguous groups of
+    one size B / U, each group one prompt (a GRPO batch), the prompt index of each group (U,); else None."""
+    B, U = inverse.numel(), int(inverse.max()) + 1
+    if B % U:
+        return None
+    grouped = inverse.view(U, B // U)
+    first = grouped[:, 0]
+    if not bool((grouped == first[:, None]).all()) or first.unique().numel() != U:
+        return None
+    return first
+
+
+def _prompt_rows(x: torch.Tensor, inverse: torch.Tensor | None, B: int) -> torch.Tensor:
+    """Row b of the result is prompt row `inverse[b]` of `x` (U, ...) -> (B, ...), differentiably. With
+    `inverse` None, prompt row u fills rows u*G .. u*G+G-1 (G = B / U): a broadcast, whose backward
+    sums each group; `index_select`'s backward scatters instead, several times slower on CPU."""
+    if inverse is not None:
+        return x.index_select(0, inverse)
+    U = x.size(0)
+    return x[:, None].expand(U, B // U, *x.shape[1:]).reshape(B, *x.shape[1:])
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -402,4 +458,24 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.gather(F.log_softmax(logits, -1), 2, ids[..., None]).squeeze(-1)
+    return _TokenLogprobs.apply(logits, ids)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(x)[ids] over the last dimension, x (..., V), ids (...), with a backward that turns the
+    saved log-softmax into the gradient in place: dL/dx = g * (onehot(ids) - softmax(x)), one pass of
+    exp and one of scaling over the (..., V) tensor, where autograd's gather + log-softmax backward
+    allocates a zero (..., V) tensor, scatters into it and writes a third. Same values (tests: 1e-6)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        lsm = torch.log_softmax(x, -1)
+        ctx.save_for_backward(lsm, ids)
+        return lsm.gather(-1, ids[..., None]).squeeze(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        lsm, ids = ctx.saved_tensors  # a second backward (retain_graph) finds lsm modified and raises
+        grad = lsm.exp_().mul_(g.neg()[..., None])  # -g * softmax(x)
+        return grad.scatter_add_(-1, ids[..., None], g[..., None]), None
