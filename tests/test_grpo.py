@@ -72,6 +72,30 @@ def test_micro_batches_give_the_same_gradients(tmp_path, loss_type):
             torch.testing.assert_close(g[n], ref_grads[n], atol=1e-6, rtol=1e-5, msg=f"{n} (micro-batch {size})")
 
 
+def test_update_micro_batch_by_device_and_logit_size():
+    """Unset `train.micro_batch_size`: the whole batch on an accelerator; on CPU whole groups whose
+    float32 logits fit in `CPU_LOGITS_BYTES` (hand-computed), at least one group; a set value wins."""
+    from types import SimpleNamespace
+
+    from mechrl.config import GRPOConfig
+    from mechrl.train.rlcommon import CPU_LOGITS_BYTES, update_micro_batch
+
+    def state(device, vocab, size=None):
+        cfg = SimpleNamespace(train=GRPOConfig(micro_batch_size=size))
+        policy = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=vocab)))
+        return SimpleNamespace(cfg=cfg, device=torch.device(device), policy=policy)
+
+    assert CPU_LOGITS_BYTES == 32 * 2**20
+    # 8 rows x 32 tokens x 4,096 words x 4 bytes = 4 MiB a group: 8 groups = 64 rows in 32 MiB
+    assert update_micro_batch(state("cpu", 4096), rows=128, length=32, group=8) == 64
+    assert update_micro_batch(state("cpu", 4096), rows=64, length=32, group=8) is None  # fits whole
+    # 16 x 64 x 50,257 x 4 = 196 MiB for one group: still one whole group (its prompt pass is shared)
+    assert update_micro_batch(state("cpu", 50257), rows=128, length=64, group=16) == 16
+    assert update_micro_batch(state("cpu", 50257), rows=8, length=64) == 2  # 12.3 MiB a row (PPO: no groups)
+    assert update_micro_batch(state("cuda", 50257), rows=128, length=64, group=16) is None
+    assert update_micro_batch(state("cpu", 4096, size=5), rows=128, length=32, group=8) == 5
+
+
 def test_grpo_learns_a_toy_reward(tmp_path):
     cfg, name = _cfg(tmp_path, "train.max_steps=60", "train.prompts_per_step=8")
     run = RunDir.start(cfg, name)

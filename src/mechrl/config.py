@@ -419,7 +419,9 @@ class RLCommon(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     micro_batch_size: int | None = Field(None, ge=1)
-    """Sequences per forward/backward; gradients accumulate over the step. None: the whole batch."""
+    """Sequences per forward/backward; gradients accumulate over the step. None: chosen by mechrl, the
+    whole batch on an accelerator, and on CPU whole groups whose logits fit in 32 MiB
+    (`rlcommon.update_micro_batch`; logged once)."""
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)

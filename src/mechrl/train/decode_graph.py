@@ -282,7 +282,7 @@ def _uncached_autocast(device: torch.device):
 def _static_cache_like(config, pre: StaticCache, rows: int) -> StaticCache:
     """A StaticCache of `pre`'s length with its layers allocated now (heads, head sizes, dtype, device
     as in `pre`) for `rows` rows, so that their addresses never change."""
-    cache = KVCache(config=config, max_cache_len=pre.layers[0].max_cache_len, dtype=pre.kv_dtype)
+    cache = KVCache(config=config, max_cache_len=pre.layers[0].max_cache_len, dtype=pre.kv_dtype, host_position=False)
     for dst, src in zip(cache.layers, pre.layers, strict=True):
         if type(src) is not StaticLayer or type(dst) is not StaticLayer:
             raise ValueError(f"decode runner: cache layers must be plain StaticLayers, got {type(src).__name__}")

@@ -55,7 +55,9 @@ from mechrl.train.decode_graph import DecodeStats
 from mechrl.train.fast_update import autocast, check_dtype, compiled_logprobs
 from mechrl.train.compute import STEP_KEY, ComputeCounter, pass_tokens
 from mechrl.train.losses import group_advantages, grpo_loss
-from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
+from mechrl.train.rlcommon import (
+    RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars, update_micro_batch,
+)
 from mechrl.train.rollout import completion_logprobs, encode_prompts, generate
 
 log = logging.getLogger(__name__)
@@ -257,7 +259,8 @@ def grpo_step(st: RLState, hooks: GRPOHooks, timer: Timer) -> tuple[dict[str, fl
     batch = rollout(st, timer)
     hook_metrics = hooks.on_batch(st, batch)
     with timer("update"):
-        total_loss, grad_norm, loss_metrics = policy_update(st, batch, hooks, t.micro_batch_size)
+        size = update_micro_batch(st, batch.rewards.numel(), batch.completion_ids.size(1), t.num_generations)
+        total_loss, grad_norm, loss_metrics = policy_update(st, batch, hooks, size)
     mask = batch.completion_mask.float()  # (B, T)
     d = st.dist  # with N processes the metrics are of the global batch: per-sample values gathered
     n_tokens = d.sum(mask.sum())

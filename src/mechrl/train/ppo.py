@@ -35,7 +35,9 @@ from mechrl.envs import StepResult
 from mechrl.errors import TrainingDiverged
 from mechrl.runs.rundir import RunDir
 from mechrl.train.losses import entropy_from_logits, gae, masked_whiten, ppo_policy_loss, ppo_value_loss
-from mechrl.train.rlcommon import RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars
+from mechrl.train.rlcommon import (
+    RLState, Timer, check_finite, draw_prompts, micro_batches, run_rl, scalars, update_micro_batch,
+)
 from mechrl.train.compute import STEP_KEY, ComputeCounter, pass_tokens
 from mechrl.train.rollout import generate
 
@@ -120,10 +122,11 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
 
     compute.forward(pass_tokens(batch.prompt_ids, batch.prompt_mask, batch.completion_mask))  # sampling
 
+    size = update_micro_batch(st, B, batch.completion_ids.size(1))  # rows per forward / backward
     with timer("update"):
         # ALGO LOGIC: old log-probs and values, reference log-probs (no grad, fixed for the step)
         with torch.no_grad():
-            parts = [forward(st, batch, mb, temperature=t.temperature) for mb in micro_batches(B, t.micro_batch_size)]
+            parts = [forward(st, batch, mb, temperature=t.temperature) for mb in micro_batches(B, size)]
             compute.forward(rows_tokens(None))
             old_logp = torch.cat([p[0] for p in parts])  # (B, T)
             old_values = torch.cat([p[1] for p in parts])  # (B, T)
@@ -131,7 +134,7 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
                 with st.reference_context():
                     ref_logp = torch.cat([forward(st, batch, mb, temperature=t.temperature, model=st.ref_model,
                                                   with_values=False)[0]
-                                          for mb in micro_batches(B, t.micro_batch_size)])
+                                          for mb in micro_batches(B, size)])
                 compute.forward(rows_tokens(None))
             else:
                 ref_logp = old_logp
@@ -157,7 +160,7 @@ def ppo_step(st: RLState, timer: Timer) -> tuple[dict[str, float], PPOBatch]:
                 # the minibatch's token count; with N processes the global count / N (gradients are averaged)
                 mb_tokens = int(mask[idx].sum().item()) if world == 1 else st.dist.sum(mask[idx].sum()) / world
                 loss_total = torch.zeros((), device=st.device)
-                for sub in micro_batches(idx.numel(), t.micro_batch_size):
+                for sub in micro_batches(idx.numel(), size):
                     rows = idx[sub]
                     sub_batch = _select(batch, rows)
                     logp, values, entropy = forward(st, sub_batch, slice(None), temperature=t.temperature)

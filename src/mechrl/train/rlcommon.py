@@ -208,6 +208,37 @@ def evaluate_and_log(st: RLState, step: int, *, final: bool) -> dict | None:
     return result
 
 
+CPU_LOGITS_BYTES = 32 * 2**20
+"""On CPU, with `train.micro_batch_size` unset, the most float32 logits one micro-batch of an update
+holds (bytes): the largest tensors of a forward and backward then stay at tens of megabytes, which
+the allocator reuses and the caches hold better than the hundreds a whole batch can take
+(`docs/speed.md`, "CPU")."""
+_LOGGED_MICRO_BATCHES: set[int] = set()
+
+
+def update_micro_batch(st: RLState, rows: int, length: int, group: int = 1) -> int | None:
+    """Rows per forward and backward of an update over `rows` sequences of `length` completion tokens:
+    `train.micro_batch_size` when set. Unset: the whole batch on an accelerator (fewer, larger
+    kernels), and on CPU whole groups of `group` rows (a GRPO group shares its prompt pass) whose
+    (rows, length, vocabulary) float32 logits fit in `CPU_LOGITS_BYTES`, at least one group. The
+    gradient does not depend on it (losses are normalised by the whole batch's counts)."""
+    t = st.cfg.train
+    if t.micro_batch_size is not None:
+        return t.micro_batch_size
+    if st.device.type != "cpu":
+        return None
+    vocab = st.policy.config.get_text_config().vocab_size
+    per_group = group * max(length, 1) * vocab * 4
+    size = max(1, CPU_LOGITS_BYTES // per_group) * group
+    if size >= rows:
+        return None
+    if size not in _LOGGED_MICRO_BATCHES:  # once per size and process
+        _LOGGED_MICRO_BATCHES.add(size)
+        log.info("update micro-batches of %d rows (CPU: float32 logits of at most %d MiB each; "
+                 "train.micro_batch_size sets it)", size, CPU_LOGITS_BYTES // 2**20)
+    return size
+
+
 def micro_batches(n: int, size: int | None) -> list[slice]:
     """Slices covering range(n) in chunks of `size` (one chunk when None)."""
     size = size or n

@@ -231,14 +231,33 @@ class KVCache(StaticCache):
     refuses the other. Here both are cast to the autocast dtype, the precision attention reads them
     in under autocast anyway."""
 
-    def __init__(self, *args, dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, *args, dtype: torch.dtype | None = None, host_position: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.kv_dtype = dtype
+        self.host_position = host_position  # False: a step that must not read the device (a captured one)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write (B, H, n, D) keys and values at the layer's next n columns; returns the whole (B, H, L, D)
+        buffers. On CPU, with `host_position`, the write position is read on the host (free there) and
+        the columns are written as one slice copy, faster than StaticCache's `index_copy_` at decode
+        shapes; otherwise StaticCache's own update runs (it keeps the position on the device, as a
+        captured step needs)."""
         if self.kv_dtype is not None:
             key_states, value_states = key_states.to(self.kv_dtype), value_states.to(self.kv_dtype)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        if (not self.host_position or key_states.device.type != "cpu" or type(layer) is not StaticLayer
+                or self.offloading):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        n, start = key_states.shape[-2], int(layer.cumulative_length)
+        if start + n > layer.max_cache_len:
+            raise IndexError(f"KVCache layer {layer_idx}: writing {n} columns at {start} overflows its "
+                             f"{layer.max_cache_len}")
+        layer.keys[:, :, start:start + n].copy_(key_states)
+        layer.values[:, :, start:start + n].copy_(value_states)
+        layer.cumulative_length.add_(n)
+        return layer.keys, layer.values
 
 
 def kv_dtype(device: torch.device) -> torch.dtype | None:
@@ -387,14 +406,14 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
     With `share_prompts` (the default) and rows that repeat a prompt (a GRPO group), each distinct
     prompt goes through the model once and its KV cache rows are copied (broadcast over a group of
     contiguous rows, else `index_select`; either way gradients from every completion of the group
-    flow back into the one prompt pass); the completions then run on that cache. The result and its gradients equal one full pass over
-    prompt + completion (a test holds both to 1e-5), at (U x P + B x T) positions instead of
-    B x (P + T) for U distinct prompts. Logits are computed for completion predictions only, and the
-    last completion token is never fed (nothing is predicted from it), and the log-probs of the first
-    completion token (from the prompt pass) and of the rest are joined, not their logits (no (B, T, V)
-    copy). `logprob_fn(logits, ids,
-    temperature)`: the head from logits to log-probs (default `token_logprobs`; e.g. the compiled one
-    of `fast_update`)."""
+    flow back into the one prompt pass); the completions then run on that cache. The result and its
+    gradients equal one full pass over prompt + completion (a test holds both to 1e-5), at
+    (U x P + B x T) positions instead of B x (P + T) for U distinct prompts. Logits are computed for
+    completion predictions only; the last completion token is never fed (nothing is predicted from
+    it); the log-probs of the first completion token (from the prompt pass) and of the rest are
+    joined, not their logits (no (B, T, V) copy). `logprob_fn(logits, ids, temperature)`: the head
+    from logits to log-probs of the rest (default `token_logprobs`; e.g. the compiled one of
+    `fast_update`)."""
     B, T = completion_ids.shape
     mask = torch.cat([prompt_mask, completion_mask], 1)  # (B, P+T)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
