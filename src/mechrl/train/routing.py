@@ -20,7 +20,8 @@ unflagged index sets (each cut to the update's micro-batch size, `rlcommon.updat
 `RoutingHooks.logprobs` runs each with the blocked adapter's parameters detached
 (`dual_lora.block_gradients`: forward values are unchanged and gradients still flow through the
 blocked branch to earlier layers). The GRPO loss is normalised by the whole batch's sequence and
-token counts whatever the partition, so with no adapter blocked the update is exactly the unrouted one (tests/test_routing.py holds it to 1e-6).
+token counts whatever the partition, so with no adapter blocked the update is exactly the unrouted
+one (tests/test_routing.py holds it to 1e-6).
 
 The evaluation (`evaluate_routing`) samples completions with both adapters (1, 1), retain only
 (1, 0) and forget only (0, 1), and reports each reward component on its own, diversity (unique
